@@ -1,0 +1,35 @@
+# Two commands matter: `make demo` and `make test`. Both build .venv from requirements.lock first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-all bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/medtransfer quickstart --out demo_out
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow and not bench"
+
+test-all: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python -m pytest -m bench -s
+
+lint: venv
+	$(BIN)/ruff check medtransfer tests benchmarks
+	$(BIN)/ruff format --check medtransfer tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
