@@ -13,7 +13,27 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    # name: module that defines it
+    "Spec": "medtransfer.spec",
+    "load_spec": "medtransfer.spec",
+    "spec_from_dict": "medtransfer.spec",
+    "SpecError": "medtransfer.errors",
+    "MedtransferError": "medtransfer.errors",
+    "read_dicom": "medtransfer.io",
+    "load_image": "medtransfer.io",
+    "build_manifest": "medtransfer.data.manifest",
+    "load_images": "medtransfer.data.pipeline",
+    "make_dataset": "medtransfer.data.pipeline",
+    "BACKBONES": "medtransfer.models.backbones",
+    "build_model": "medtransfer.models.build",
+    "train": "medtransfer.training.run",
+    "open_run": "medtransfer.training.run",
+    "evaluate": "medtransfer.evaluation.report",
+    "roc_figure": "medtransfer.evaluation.plots",
+    "history_figure": "medtransfer.evaluation.plots",
+    "export_model": "medtransfer.export",
+    "load_predictor": "medtransfer.predictor",
+    "score_folder": "medtransfer.scoring",
+    "run_quickstart": "medtransfer.quickstart",
 }
 
 

@@ -1,0 +1,187 @@
+"""The ``medtransfer`` command line: a thin layer over the Python API.
+
+Exit codes (the contract in DESIGN.md): 0 done, 1 done with per-file errors, 2 bad usage, a bad
+spec, or inputs the command cannot work with (reported in one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from medtransfer.errors import MedtransferError
+
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) buries the real output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _spec_with_overrides(args: argparse.Namespace):
+    from medtransfer.spec import load_spec
+
+    spec = load_spec(args.spec)
+    size = (args.image_size, args.image_size) if args.image_size else None
+    return spec.with_overrides(
+        model={"backbone": args.backbone, "weights": args.weights},
+        training={
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "seed": args.seed,
+        },
+        image={"size": size},
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medtransfer.training.run import train
+
+    spec = _spec_with_overrides(args)
+    run = train(spec, args.out, overwrite=args.overwrite, workers=args.workers)
+    info = run.info
+    print(
+        f"run written to {run.path}: best validation AUROC {info['best_val_auroc']:.4f} "
+        f"at epoch {info['best_epoch']}/{info['epochs_run']} ({info['train_seconds']} s)"
+    )
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtransfer.evaluation.report import evaluate
+    from medtransfer.spec import load_spec
+    from medtransfer.training.run import SPEC_FILE
+
+    spec_path = args.spec or Path(args.model) / SPEC_FILE
+    if not Path(spec_path).is_file():
+        raise MedtransferError(f"no spec given and {spec_path} does not exist; pass --spec SPEC")
+    result = evaluate(
+        args.model, load_spec(spec_path), split=args.split, out_dir=args.out, workers=args.workers
+    )
+    print(result.summary())
+    print(f"report written to {result.out_dir} (metrics.json, predictions.csv, roc.png)")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medtransfer.export import export_model
+
+    path = export_model(args.run, args.out, overwrite=args.overwrite)
+    print(f"SavedModel written to {path} (signatures: serving_default, predict_png)")
+    return EXIT_OK
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from medtransfer.predictor import load_predictor
+    from medtransfer.scoring import score_folder
+
+    predictor = load_predictor(args.model, batch_size=args.batch_size)
+    summary = score_folder(
+        args.input_dir,
+        predictor,
+        args.out,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(summary)
+    return summary.exit_code
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from medtransfer.quickstart import run_quickstart
+
+    result = run_quickstart(
+        args.out,
+        epochs=args.epochs,
+        n_patients=args.patients,
+        backbone=args.backbone,
+        seed=args.seed,
+    )
+    print(result.summary())
+    return EXIT_OK
+
+
+def _add_training_overrides(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("overrides (default: the spec's values)")
+    group.add_argument("--backbone", help="backbone name, e.g. resnet50, efficientnetb0")
+    group.add_argument("--weights", help="imagenet, none, or a local weights file")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--learning-rate", type=float)
+    group.add_argument("--image-size", type=int, help="square model input size in pixels")
+    group.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtransfer",
+        description="Transfer learning for medical imaging: train, evaluate, export, score.",
+    )
+    from medtransfer import __version__
+
+    parser.add_argument("--version", action="version", version=f"medtransfer {__version__}")
+    verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = verbs.add_parser("train", help="train a model from a data spec into a run directory")
+    train.add_argument("--spec", required=True, help="data spec YAML")
+    train.add_argument("--out", required=True, help="run directory to create")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    train.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    _add_training_overrides(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="evaluate a run or exported model on a split")
+    evaluate.add_argument("model", metavar="RUN_DIR", help="run directory or exported model")
+    evaluate.add_argument("--spec", help="data spec (default: the run's own spec.yaml)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--out", required=True, help="report directory")
+    evaluate.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = verbs.add_parser("export", help="export a run as a TF Serving SavedModel")
+    export.add_argument("run", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, help="DIR/NAME/VERSION, e.g. models/cxr/1")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    export.set_defaults(func=cmd_export)
+
+    score = verbs.add_parser("score", help="score every file under a folder into a CSV")
+    score.add_argument("input_dir", metavar="INPUT_DIR")
+    score.add_argument("--model", required=True, help="exported model or run directory")
+    score.add_argument("--out", required=True, help="scores.csv to write")
+    score.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score.set_defaults(func=cmd_score)
+
+    quick = verbs.add_parser(
+        "quickstart", help="generate a DICOM demo dataset and run the whole pipeline on it"
+    )
+    quick.add_argument("--out", required=True, help="directory for data, run, report, export")
+    quick.add_argument("--epochs", type=int, default=None, help="training epochs")
+    quick.add_argument("--patients", type=int, default=None, help="synthetic patients")
+    quick.add_argument("--backbone", default=None, help="backbone (default: resnet50)")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedtransferError as error:
+        print(f"medtransfer {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

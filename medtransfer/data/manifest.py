@@ -1,0 +1,261 @@
+"""Manifests: one row per image with its split, patient key, site and label targets.
+
+Every data source (npz archive, CSV manifest, class folders) becomes the same table, so the rest
+of the toolkit never cares where images came from. Patient identifiers are replaced by a salted
+hash as soon as they are read: the table can be written into a run directory without carrying
+PHI, and splits are made per patient so one patient's images never sit on both sides of a split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medtransfer.errors import SpecError
+from medtransfer.spec import Spec
+
+SPLITS = ("train", "val", "test")
+NPZ_SEPARATOR = "#"
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ""}
+
+
+def target_columns(classes: list[str]) -> list[str]:
+    return [f"y:{name}" for name in classes]
+
+
+def patient_key(patient_id: object, salt: str) -> str:
+    """Salted SHA-256 of a patient identifier: stable for grouping, useless for re-identifying."""
+    digest = hashlib.sha256(f"{salt}\x00{patient_id}".encode()).hexdigest()
+    return digest[:16]
+
+
+def build_manifest(spec: Spec) -> pd.DataFrame:
+    """The spec's data as a manifest with columns path, split, patient, site, label, y:<class>."""
+    builders = {"npz": _from_npz, "manifest": _from_csv, "folders": _from_folders}
+    df = builders[spec.data.format](spec)
+    if "split" not in df.columns or df["split"].isna().any():
+        df["split"] = _patient_split(df, spec)
+    df = df.reset_index(drop=True)
+    missing = [s for s in ("train", "val") if not (df["split"] == s).any()]
+    if missing:
+        raise SpecError(f"{spec.origin}: data: no images in split(s) {missing}")
+    return df
+
+
+def _fail(spec: Spec, field: str, message: str) -> SpecError:
+    return SpecError(f"{spec.origin}: {field}: {message}")
+
+
+def _targets_from_indices(indices: np.ndarray, spec: Spec) -> np.ndarray:
+    k = len(spec.classes)
+    if spec.task == "multilabel":
+        if indices.ndim != 2 or indices.shape[1] != k:
+            raise _fail(spec, "classes", f"labels have shape {indices.shape}, expected (N, {k})")
+        return indices.astype(np.float32)
+    flat = indices.reshape(len(indices), -1)
+    if flat.shape[1] != 1:
+        raise _fail(spec, "task", f"labels have shape {indices.shape}: one label per image needed")
+    flat = flat[:, 0].astype(np.int64)
+    bad = sorted(set(flat[(flat < 0) | (flat >= k)].tolist()))
+    if bad:
+        raise _fail(spec, "classes", f"label values {bad} have no class (there are {k} classes)")
+    return np.eye(k, dtype=np.float32)[flat]
+
+
+def _frame(paths: list[str], targets: np.ndarray, spec: Spec, **columns) -> pd.DataFrame:
+    df = pd.DataFrame({"path": paths, **columns})
+    for name, column in zip(target_columns(spec.classes), targets.T, strict=True):
+        df[name] = column
+    df["label"] = [
+        "|".join(c for c, on in zip(spec.classes, row, strict=True) if on > 0.5) for row in targets
+    ]
+    return df
+
+
+def _from_npz(spec: Spec) -> pd.DataFrame:
+    path = spec.data.path
+    parts = []
+    with np.load(path) as archive:
+        for split in SPLITS:
+            if f"{split}_images" not in archive:
+                continue
+            labels_key = f"{split}_labels"
+            if labels_key not in archive:
+                raise _fail(
+                    spec, "data.path", f"{path.name} has {split}_images but no {labels_key}"
+                )
+            labels = np.asarray(archive[labels_key])
+            n = len(labels)
+            paths = [f"{path}{NPZ_SEPARATOR}{split}/{i}" for i in range(n)]
+            targets = _targets_from_indices(labels, spec)
+            parts.append(
+                _frame(
+                    paths, targets, spec, split=split, patient=[f"{split}/{i}" for i in range(n)]
+                )
+            )
+    if not parts:
+        raise _fail(spec, "data.path", f"{path.name} has no train_images/val_images/test_images")
+    df = pd.concat(parts, ignore_index=True)
+    df["site"] = ""
+    return df
+
+
+def _labels_from_csv(table: pd.DataFrame, spec: Spec) -> np.ndarray:
+    columns = spec.data.label_columns
+    k = len(spec.classes)
+    if spec.task == "multilabel" and len(columns) == k:
+        values = table[columns].apply(pd.to_numeric, errors="coerce")
+        if values.isna().any().any() or not values.isin([0, 1]).all().all():
+            raise _fail(spec, "data.label_columns", "multilabel columns must hold 0 or 1")
+        return values.to_numpy(np.float32)
+    if len(columns) != 1:
+        raise _fail(
+            spec,
+            "data.label_columns",
+            f"give one label column (or, for multilabel, one 0/1 column per class: {k})",
+        )
+    raw = table[columns[0]].fillna("").astype(str).str.strip()
+    index = {name: i for i, name in enumerate(spec.classes)}
+    if spec.task == "multilabel":
+        out = np.zeros((len(raw), k), np.float32)
+        for row, value in enumerate(raw):
+            for token in filter(None, (t.strip() for t in value.split(spec.data.label_separator))):
+                if token not in index:
+                    raise _fail(spec, "classes", f"label {token!r} (row {row + 2}) is not a class")
+                out[row, index[token]] = 1
+        return out
+    unknown = sorted(set(raw) - set(index) - {str(i) for i in range(k)})
+    if unknown:
+        raise _fail(
+            spec,
+            "classes",
+            f"label value(s) {unknown[:5]} in column {columns[0]!r} match no class in "
+            f"{spec.classes} (use the class names or 0..{k - 1})",
+        )
+    indices = np.array([index[v] if v in index else int(v) for v in raw])
+    return np.eye(k, dtype=np.float32)[indices]
+
+
+def _from_csv(spec: Spec) -> pd.DataFrame:
+    source = spec.data
+    table = pd.read_csv(source.path, dtype=str, keep_default_na=False)
+    wanted = [source.image_column, *source.label_columns]
+    wanted += [c for c in (source.patient_column, source.site_column, source.split_column) if c]
+    missing = [c for c in wanted if c not in table.columns]
+    if missing:
+        raise _fail(
+            spec,
+            "data",
+            f"column(s) {missing} not in {source.path.name} (it has {list(table.columns)})",
+        )
+    if table.empty:
+        raise _fail(spec, "data.path", f"{source.path.name} has no rows")
+    root = source.path.parent
+    paths = [str((root / p).resolve()) for p in table[source.image_column]]
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        raise _fail(
+            spec, "data.path", f"{len(absent)} image file(s) listed but missing, e.g. {absent[0]}"
+        )
+    salt = f"medtransfer:{spec.name}"
+    patients = (
+        [patient_key(p, salt) for p in table[source.patient_column]]
+        if source.patient_column
+        else [patient_key(p, salt) for p in paths]
+    )
+    columns = {
+        "patient": patients,
+        "site": table[source.site_column].tolist() if source.site_column else "",
+    }
+    if source.split_column:
+        split = table[source.split_column].str.strip().str.lower()
+        bad = sorted(set(split) - set(SPLITS))
+        if bad:
+            raise _fail(spec, "data.split_column", f"values {bad} are not train/val/test")
+        columns["split"] = split.tolist()
+    return _frame(paths, _labels_from_csv(table, spec), spec, **columns)
+
+
+def _from_folders(spec: Spec) -> pd.DataFrame:
+    if spec.task == "multilabel":
+        raise _fail(spec, "data.format", "folders cannot express multilabel data; use a manifest")
+    root = spec.data.path
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    layered = bool(subdirs) and set(subdirs) <= set(SPLITS)
+    roots = [(root / s, s) for s in subdirs] if layered else [(root, None)]
+    rows: list[tuple[str, str | None, int]] = []
+    for base, split in roots:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            if class_dir.name not in spec.classes:
+                raise _fail(
+                    spec,
+                    "classes",
+                    f"folder {class_dir.relative_to(root)} is not one of {spec.classes}",
+                )
+            label = spec.classes.index(class_dir.name)
+            rows += [
+                (str(f.resolve()), split, label)
+                for f in sorted(class_dir.rglob("*"))
+                if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES
+            ]
+    if not rows:
+        raise _fail(spec, "data.path", f"no images under {root}/<class>/")
+    paths, splits, labels = zip(*rows, strict=True)
+    salt = f"medtransfer:{spec.name}"
+    columns = {"patient": [patient_key(p, salt) for p in paths], "site": ""}
+    if layered:
+        columns["split"] = list(splits)
+    targets = _targets_from_indices(np.array(labels), spec)
+    return _frame(list(paths), targets, spec, **columns)
+
+
+def _patient_split(df: pd.DataFrame, spec: Spec) -> list[str]:
+    """Assign whole patients to test/val/train, stratified by each patient's label pattern.
+
+    Each patient gets a key (rank within its stratum + jitter) / stratum size; taking patients in
+    key order fills test, then val, then train with exact overall counts while every stratum,
+    however small, is spread proportionally across the splits.
+    """
+    rng = np.random.default_rng(spec.split.seed)
+    by_patient = df.groupby("patient", sort=True)["label"].first()
+    keys = pd.Series(0.0, index=by_patient.index)
+    for _, patients in by_patient.groupby(by_patient, sort=True):
+        order = rng.permutation(len(patients))
+        keys[patients.index[order]] = (np.arange(len(patients)) + rng.random(len(patients))) / len(
+            patients
+        )
+    ordered = keys.sort_values(kind="stable").index
+    n_test = round(len(ordered) * spec.split.test)
+    n_val = round(len(ordered) * spec.split.val)
+    assignment = {
+        pid: "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        for i, pid in enumerate(ordered)
+    }
+    return [assignment[p] for p in df["patient"]]
+
+
+def targets(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """The [N, K] float32 target matrix (one-hot or multi-hot) of a manifest."""
+    return df[target_columns(classes)].to_numpy(np.float32)
+
+
+def fingerprint(df: pd.DataFrame) -> str:
+    """A content hash of what a run saw: image bytes, splits and labels (not where they live).
+
+    The same data in another folder or on another machine gives the same fingerprint; any
+    changed, added or relabelled image changes it.
+    """
+    sources = sorted({p.split(NPZ_SEPARATOR)[0] for p in df["path"]})
+    root = os.path.commonpath(sources) if len(sources) > 1 else os.path.dirname(sources[0])
+    h = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as handle:
+            h.update(hashlib.file_digest(handle, "sha256").digest())
+    relative = df["path"].map(lambda p: os.path.relpath(p, root))
+    table = pd.DataFrame({"path": relative, "split": df["split"], "label": df["label"]})
+    h.update(table.to_csv(index=False).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,60 @@
+"""Figures for reports and notebooks.
+
+Functions build ``matplotlib.figure.Figure`` objects directly instead of going through pyplot:
+no global state, nothing opens a window on a headless server, and notebooks still display a
+returned figure inline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def roc_figure(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    *,
+    task: str,
+    positive_class: str | None = None,
+    title: str = "ROC",
+) -> Figure:
+    """One ROC curve per class (only the positive class's for a binary task), AUROC in legend."""
+    fig = Figure(figsize=(5, 5), dpi=110)
+    ax = fig.subplots()
+    shown = [positive_class or classes[-1]] if task == "binary" else classes
+    for name in shown:
+        k = classes.index(name)
+        y, p = y_true[:, k], probabilities[:, k]
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUROC {roc_auc_score(y, p):.3f}, n={len(y)})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    ax.set(
+        xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)"
+    )
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title, aspect="equal")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: dict[str, list[float]]) -> Figure:
+    """Loss and AUROC per epoch, training vs validation."""
+    fig = Figure(figsize=(9, 3.5), dpi=110)
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("loss", "auc"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + metric)
+            if values is not None:
+                epochs = np.arange(1, len(values) + 1)
+                ax.plot(epochs, values, style, label=(prefix or "train_") + metric)
+        ax.set(xlabel="epoch", title="AUROC" if metric == "auc" else "loss")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

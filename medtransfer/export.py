@@ -1,0 +1,160 @@
+"""Export a run as a versioned SavedModel for TF Serving, with a model card beside it.
+
+The exported graph holds the whole inference path (resize, channel handling, the backbone's own
+normalisation, backbone, head) in TensorFlow ops only, so it loads with TensorFlow alone and
+serves exactly what was evaluated. Two signatures: ``serving_default`` takes float images in
+[0, 1] of any size; ``predict_png`` takes encoded PNG bytes (TF Serving's REST ``{"b64": ...}``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from medtransfer import atomic
+from medtransfer.data.pipeline import resize_images
+from medtransfer.errors import ExportError
+from medtransfer.predictor import EXPORT_INFO, ModelInfo
+from medtransfer.training.run import EVALUATION_DIR, open_run
+
+
+def _decode_png(size: tuple[int, int], channels: int):
+    def decode(data: tf.Tensor) -> tf.Tensor:
+        # uint16 decoding is exact for both 8-bit (v * 257) and 16-bit PNGs.
+        image = tf.io.decode_png(data, channels=channels, dtype=tf.uint16)
+        image = tf.cast(image, tf.float32) / 65535.0
+        return resize_images(image, size)
+
+    return decode
+
+
+def build_archive(model: keras.Model, info: ModelInfo) -> keras.export.ExportArchive:
+    """The export archive with both signatures; kept separate so tests can inspect it."""
+    classes = tf.constant(info.class_names)
+    size, channels = tuple(info.image_size), info.channels
+
+    def outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
+        names = tf.tile(classes[None, :], [tf.shape(probabilities)[0], 1])
+        return {"probabilities": probabilities, "class_names": names}
+
+    def serve_image(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return outputs(model(image, training=False))
+
+    def serve_png(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(
+            _decode_png(size, channels),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec((*size, channels), tf.float32),
+        )
+        return outputs(model(images, training=False))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        serve_image,
+        input_signature=[tf.TensorSpec((None, None, None, channels), tf.float32, name="image")],
+    )
+    archive.add_endpoint(
+        "predict_png",
+        serve_png,
+        input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")],
+    )
+    return archive
+
+
+def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[str, dict]:
+    """The model card as Markdown and JSON: what the model is for and how it was checked."""
+    card = {
+        "model": info.name,
+        "task": info.task,
+        "classes": info.class_names,
+        "positive_class": info.positive_class,
+        "input": {
+            "serving_default": f"image: float32 [batch, H, W, {info.channels}] in [0, 1], any H, W",
+            "predict_png": "image_bytes: string [batch], PNG-encoded (8 or 16 bit)",
+            "resized_inside_to": list(info.image_size),
+            "dicom_window": info.window,
+            "dicom_frames": info.frames,
+        },
+        "outputs": {
+            "probabilities": f"float32 [batch, {len(info.class_names)}]",
+            "class_names": "string [batch, K]",
+        },
+        "training": {
+            "backbone": run_info.get("backbone"),
+            "weights": run_info.get("weights"),
+            "seed": run_info.get("seed"),
+            "images_per_split": run_info.get("images"),
+            "data_fingerprint": run_info.get("data_fingerprint"),
+            "best_epoch": run_info.get("best_epoch"),
+            "best_val_auroc": run_info.get("best_val_auroc"),
+        },
+        "evaluation": metrics,
+        "versions": run_info.get("versions"),
+        "intended_use": "Research and clinical-evaluation use on images like the training data. "
+        "Not a medical device; a clinician reviews every output.",
+        "limitations": [
+            "Validated only on the splits listed here; performance at other sites, scanners or "
+            "populations is unknown until measured there.",
+            "Outputs are uncalibrated probabilities unless a calibration step is recorded above.",
+        ],
+    }
+    lines = [
+        f"# Model card: {info.name}",
+        "",
+        f"- Task: {info.task}; classes: {', '.join(info.class_names)}",
+        f"- Backbone: {card['training']['backbone']} (weights: {card['training']['weights']}), "
+        f"seed {card['training']['seed']}",
+        f"- Input: {card['input']['serving_default']}; resized inside to "
+        f"{info.image_size[0]}x{info.image_size[1]}",
+        f"- Data: {card['training']['images_per_split']} images per split, fingerprint "
+        f"`{card['training']['data_fingerprint']}`",
+        f"- Best validation AUROC {card['training']['best_val_auroc']} "
+        f"(epoch {card['training']['best_epoch']})",
+    ]
+    if metrics:
+        auroc = metrics.get("auroc", {}).get("macro")
+        lines.append(
+            f"- Evaluation ({metrics.get('split', '?')} split, n={metrics.get('n_images')}):"
+            f" AUROC {auroc}, accuracy {metrics.get('accuracy')}"
+        )
+    lines += ["", "## Intended use", card["intended_use"], "", "## Limitations"]
+    lines += [f"- {item}" for item in card["limitations"]]
+    lines += ["", "## Versions", *[f"- {k}: {v}" for k, v in (card["versions"] or {}).items()]]
+    return "\n".join(lines) + "\n", card
+
+
+def export_model(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``out_dir`` (``…/NAME/VERSION``) as a SavedModel plus model card, atomically.
+
+    The SavedModel is built in a temporary sibling folder and renamed into place, so TF Serving,
+    which watches ``NAME/`` for new versions, never sees a half-written version.
+    """
+    run = open_run(run_dir)
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
+    info = ModelInfo.from_run_info(run.info)
+    metrics_file = Path(run_dir) / EVALUATION_DIR / "metrics_test.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build_archive(run.load_model(), info).write_out(str(staging / "model"), verbose=False)
+        built = staging / "model"
+        atomic.write_text(built / EXPORT_INFO, json.dumps(info.to_json(), indent=2))
+        markdown, card = model_card(info, run.info, metrics)
+        atomic.write_text(built / "model_card.md", markdown)
+        atomic.write_text(built / "model_card.json", json.dumps(card, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        built.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

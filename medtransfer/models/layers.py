@@ -1,0 +1,79 @@
+"""Preprocessing layers that live inside the model graph.
+
+They are ordinary Keras layers with ``get_config`` (no ``Lambda``), so a saved ``.keras`` model
+reloads with ``safe_mode=True`` and an exported SavedModel carries the exact preprocessing the
+model was trained with: serving cannot disagree with training.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="medtransfer")
+class ChannelAdapter(keras.layers.Layer):
+    """Turn 1-channel images into the 3 channels an ImageNet backbone expects (or back).
+
+    Repeating grey into R, G and B is equivalent to summing the pretrained stem's kernels over
+    colour, so pretrained weights keep working without the user converting anything.
+    """
+
+    def __init__(self, channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def call(self, inputs):
+        have = inputs.shape[-1]
+        if have == self.channels:
+            return inputs
+        if have == 1:
+            return ops.repeat(inputs, self.channels, axis=-1)
+        return ops.mean(inputs, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+@keras.saving.register_keras_serializable(package="medtransfer")
+class BackbonePreprocessing(keras.layers.Layer):
+    """Map images in [0, 1] to what a pretrained backbone was trained on.
+
+    ``caffe``: 0..255, RGB->BGR, ImageNet mean subtracted (ResNet v1). ``torch``: ImageNet
+    mean/std (DenseNet). ``tf``: [-1, 1] (ResNetV2). ``raw255``: 0..255 only, for backbones that
+    normalise inside themselves (EfficientNet, MobileNetV3).
+    """
+
+    def __init__(self, mode: str = "raw255", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "torch", "tf", "raw255"):
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.mode == "raw255":
+            return x * 255.0
+        if self.mode == "tf":
+            return x * 2.0 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_IMAGENET_MEAN_RGB, dtype=x.dtype)
+            std = ops.convert_to_tensor(_IMAGENET_STD_RGB, dtype=x.dtype)
+            return (x - mean) / std
+        bgr = ops.flip(x * 255.0, axis=-1)
+        return bgr - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

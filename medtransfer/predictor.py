@@ -1,0 +1,134 @@
+"""One way to run inference, whatever the model source: a run directory or an exported model.
+
+Evaluation and batch scoring both go through a predictor, so they run exactly the model that
+will be (or was) handed to TF Serving, with the window and frame policy it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from medtransfer.data.pipeline import to_model_input
+from medtransfer.errors import ExportError
+from medtransfer.training.run import RUN_FILE, open_run
+
+EXPORT_INFO = Path("assets.extra") / "medtransfer.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a consumer must know about a model besides its weights."""
+
+    name: str
+    task: str
+    class_names: list[str]
+    positive_class: str | None
+    image_size: tuple[int, int]
+    channels: int
+    window: str | dict[str, float]
+    frames: str
+
+    @classmethod
+    def from_run_info(cls, info: dict[str, Any]) -> ModelInfo:
+        image = info["image"]
+        return cls(
+            name=info["name"],
+            task=info["task"],
+            class_names=list(info["classes"]),
+            positive_class=info.get("positive_class"),
+            image_size=tuple(image["size"]),
+            channels=int(image["channels"]),
+            window=image["window"],
+            frames=image["frames"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "classes": self.class_names,
+            "positive_class": self.positive_class,
+            "image": {
+                "size": list(self.image_size),
+                "channels": self.channels,
+                "window": self.window,
+                "frames": self.frames,
+            },
+        }
+
+
+class Predictor:
+    """Probabilities for decoded images; subclasses provide ``predict_batch``."""
+
+    def __init__(self, info: ModelInfo, batch_size: int = 32):
+        self.info = info
+        self.batch_size = batch_size
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def window(self) -> str | dict[str, float]:
+        return self.info.window
+
+    @property
+    def frames(self) -> str:
+        return self.info.frames
+
+    def predict(self, images: list[np.ndarray]) -> np.ndarray:
+        """Decoded images of any size ([H, W] or [H, W, 3] in [0, 1]) -> [N, K] probabilities."""
+        return self.predict_batch(to_model_input(images, self.info.image_size, self.info.channels))
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Model-ready [N, H, W, C] images -> [N, K] probabilities, in chunks of batch_size."""
+        out = [
+            self._predict_chunk(batch[i : i + self.batch_size])
+            for i in range(0, len(batch), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def _predict_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KerasPredictor(Predictor):
+    def __init__(self, model, info: ModelInfo, batch_size: int = 32):
+        super().__init__(info, batch_size)
+        self.model = model
+
+    def _predict_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model(chunk, training=False))
+
+
+class SavedModelPredictor(Predictor):
+    def __init__(self, path: Path, info: ModelInfo, batch_size: int = 32):
+        super().__init__(info, batch_size)
+        self._loaded = tf.saved_model.load(str(path))
+        self._serve = self._loaded.signatures["serving_default"]
+
+    def _predict_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        return self._serve(image=tf.constant(chunk, tf.float32))["probabilities"].numpy()
+
+
+def load_predictor(path: str | Path, batch_size: int = 32) -> Predictor:
+    """A predictor for a run directory (``run.json``) or an export (``saved_model.pb``)."""
+    source = Path(path)
+    if (source / RUN_FILE).is_file():
+        run = open_run(source)
+        return KerasPredictor(run.load_model(), ModelInfo.from_run_info(run.info), batch_size)
+    if (source / "saved_model.pb").is_file():
+        info_file = source / EXPORT_INFO
+        if not info_file.is_file():
+            raise ExportError(f"{source} is a SavedModel without {EXPORT_INFO}")
+        info = ModelInfo.from_run_info(json.loads(info_file.read_text()))
+        return SavedModelPredictor(source, info, batch_size)
+    raise ExportError(
+        f"{source} is neither a run directory (run.json) nor an exported model (saved_model.pb)"
+    )

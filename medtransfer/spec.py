@@ -1,0 +1,240 @@
+"""Data spec v1: one YAML file says where the images are, what the labels mean, and how to train.
+
+Specs are validated in full before any data is read or any model is built, and every problem is
+reported with the spec file, the dotted field name and what is wrong, so a typo costs seconds,
+not a failed overnight run. Relative paths are relative to the spec file, never to the current
+directory, so a spec means the same thing wherever the CLI is started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from medtransfer.errors import SpecError
+
+Task = Literal["binary", "multiclass", "multilabel"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExplicitWindow(_Strict):
+    center: float
+    width: Annotated[float, Field(gt=0)]
+
+
+class DataSource(_Strict):
+    """Where the images and labels are.
+
+    ``npz``: a MedMNIST-style archive with ``train_images``/``train_labels`` (and val/test); the
+    file's own splits are used. ``manifest``: a CSV with one row per image. ``folders``: a tree
+    ``ROOT/<class>/...`` or ``ROOT/<split>/<class>/...``.
+    """
+
+    format: Literal["npz", "manifest", "folders"]
+    path: Path
+    image_column: str = "path"
+    label_columns: list[str] = Field(default_factory=lambda: ["label"], min_length=1)
+    label_separator: str = "|"
+    patient_column: str | None = None
+    site_column: str | None = None
+    split_column: str | None = None
+
+
+class SplitSpec(_Strict):
+    """Patient-level random split, used when the data carries no split of its own."""
+
+    val: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    test: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitSpec:
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves nothing to train on")
+        return self
+
+
+class ImageSpec(_Strict):
+    size: tuple[Annotated[int, Field(ge=32, le=1024)], Annotated[int, Field(ge=32, le=1024)]] = (
+        224,
+        224,
+    )
+    channels: Literal[1, 3] = 1
+    window: Literal["dicom", "minmax", "percentile"] | ExplicitWindow = "dicom"
+    frames: Literal["first", "middle"] = "first"
+
+    @property
+    def window_policy(self) -> str | dict[str, float]:
+        """The window as ``medtransfer.io.load_image`` takes it (plain data, picklable)."""
+        return self.window if isinstance(self.window, str) else self.window.model_dump()
+
+
+class ModelSpec(_Strict):
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from medtransfer.models.backbones import BACKBONES
+
+        name = value.lower()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONES)}")
+        return name
+
+
+class TrainingSpec(_Strict):
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    seed: int = 0
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+
+
+class Spec(_Strict):
+    """A validated data spec. ``source_file`` is where it was read from (for messages)."""
+
+    name: str
+    task: Task
+    classes: list[str] = Field(min_length=1)
+    positive_class: str | None = None
+    data: DataSource
+    split: SplitSpec = SplitSpec()
+    image: ImageSpec = ImageSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    source_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _classes_fit_task(self) -> Spec:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be unique, got {self.classes}")
+        if self.task == "binary" and len(self.classes) != 2:
+            raise ValueError(f"a binary task needs exactly 2 classes, got {len(self.classes)}")
+        if self.task == "multiclass" and len(self.classes) < 3:
+            raise ValueError("a multiclass task needs at least 3 classes (use task: binary for 2)")
+        if self.positive_class is not None:
+            if self.task != "binary":
+                raise ValueError("positive_class only applies to task: binary")
+            if self.positive_class not in self.classes:
+                raise ValueError(f"positive_class {self.positive_class!r} is not in {self.classes}")
+        return self
+
+    @property
+    def origin(self) -> str:
+        """Where the spec came from, for messages."""
+        return str(self.source_file) if self.source_file else "<spec>"
+
+    @property
+    def positive(self) -> str:
+        """The class whose probability a binary model's scores are read as."""
+        return self.positive_class or self.classes[-1]
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Spec:
+        """A copy with fields replaced, re-validated (CLI flags override the YAML this way)."""
+        raw = self.model_dump(mode="python")
+        for section, values in sections.items():
+            raw[section] = {**raw[section], **{k: v for k, v in values.items() if v is not None}}
+        return _validate(raw, self.source_file)
+
+
+def _format_errors(error: ValidationError, source: Path | None) -> str:
+    where = str(source) if source else "<spec>"
+    lines = [f"{where}: invalid data spec"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)
+
+
+def _validate(raw: dict[str, Any], source: Path | None) -> Spec:
+    try:
+        spec = Spec.model_validate({**raw, "source_file": source})
+    except ValidationError as error:
+        raise SpecError(_format_errors(error, source)) from None
+    return _resolve_paths(spec)
+
+
+def _resolve_paths(spec: Spec) -> Spec:
+    """Anchor relative paths at the spec's folder and check that the data exists."""
+    base = spec.source_file.parent if spec.source_file else Path.cwd()
+    data_path = spec.data.path if spec.data.path.is_absolute() else base / spec.data.path
+    data_path = Path(data_path).resolve()
+    if not data_path.exists():
+        raise SpecError(
+            f"{spec.origin}: data.path: {spec.data.path} not found "
+            f"(looked for {data_path}; relative paths are relative to the spec file)"
+        )
+    wants_dir = spec.data.format == "folders"
+    if wants_dir != data_path.is_dir():
+        kind = "a folder" if wants_dir else "a file"
+        raise SpecError(
+            f"{spec.origin}: data.path: {data_path} must be {kind} "
+            f"for format {spec.data.format!r}"
+        )
+    weights = spec.model.weights
+    if weights.lower() not in ("imagenet", "none") and not weights.startswith("run:"):
+        weights_path = Path(weights) if Path(weights).is_absolute() else base / weights
+        if not weights_path.is_file():
+            raise SpecError(
+                f"{spec.origin}: model.weights: {weights!r} is neither "
+                "'imagenet', 'none' nor an existing weights file"
+            )
+        weights = str(weights_path.resolve())
+    return spec.model_copy(
+        update={
+            "data": spec.data.model_copy(update={"path": data_path}),
+            "model": spec.model.model_copy(update={"weights": weights}),
+        }
+    )
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a YAML spec (``yaml.safe_load``: a spec cannot run code)."""
+    source = Path(path).resolve()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read spec: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec must be a mapping of fields, got {type(raw).__name__}")
+    return _validate(raw, source)
+
+
+def spec_from_dict(raw: dict[str, Any], base_dir: str | Path | None = None) -> Spec:
+    """Validate a spec given as a dict (notebooks); relative paths are relative to ``base_dir``."""
+    source = Path(base_dir).resolve() / "<inline spec>" if base_dir else None
+    return _validate(dict(raw), source)
+
+
+def dump_spec(spec: Spec) -> str:
+    """The resolved spec as YAML (absolute paths), as stored in a run directory."""
+    raw = spec.model_dump(mode="json", exclude={"source_file"})
+    return yaml.safe_dump(raw, sort_keys=False)
