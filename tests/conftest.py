@@ -19,3 +19,45 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def make_png_folders(root: Path, per_class: int = 12, size: int = 40, seed: int = 0) -> Path:
+    """A two-class folder dataset: 'spot' images carry a bright square, 'plain' ones do not."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", per_class // 2), ("test", per_class // 2)):
+        for label in ("plain", "spot"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = rng.integers(40, 90, (size, size), dtype=np.uint8)
+                if label == "spot":
+                    y, x = rng.integers(4, size - 14, 2)
+                    image[y : y + 10, x : x + 10] = 230
+                Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real (1-epoch, 32 px, MobileNetV3Small) training run on generated PNG folders."""
+    from medtransfer.spec import spec_from_dict
+    from medtransfer.training.run import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_png_folders(root / "data")
+    spec = spec_from_dict(
+        {
+            "name": "tiny",
+            "task": "binary",
+            "classes": ["plain", "spot"],
+            "data": {"format": "folders", "path": str(data)},
+            "image": {"size": [32, 32], "channels": 1},
+            "model": {"backbone": "mobilenetv3small", "weights": "none"},
+            "training": {"epochs": 1, "batch_size": 8},
+        },
+        base_dir=root,
+    )
+    return train(spec, root / "run", workers=0).path

@@ -8,6 +8,7 @@ unchanged (normalising twice silently ruins pretrained features).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,7 +86,11 @@ def build_backbone(name: str, weights: str, input_shape: tuple[int, int, int]):
         raise WeightsUnavailableError(f"weights file not found: {path}")
     model = constructor(weights=None, **kwargs)
     try:
-        model.load_weights(str(path))
+        # Keras only warns when parts of a file do not match and keeps random weights there;
+        # a half-loaded backbone is worse than none, so any warning here is a failure.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.load_weights(str(path))
     except Exception as error:
         raise WeightsUnavailableError(
             f"weights file {path} does not fit {backbone.constructor} without its top "
