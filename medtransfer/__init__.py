@@ -30,6 +30,7 @@ _LAZY = {
     "evaluate": "medtransfer.evaluation.report",
     "roc_figure": "medtransfer.evaluation.plots",
     "history_figure": "medtransfer.evaluation.plots",
+    "image_grid_figure": "medtransfer.evaluation.plots",
     "export_model": "medtransfer.export",
     "load_predictor": "medtransfer.predictor",
     "score_folder": "medtransfer.scoring",

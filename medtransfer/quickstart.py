@@ -45,9 +45,7 @@ class QuickstartResult:
         )
 
 
-def write_spec(
-    manifest: Path, *, backbone: str, epochs: int, image_size: int, seed: int
-) -> Path:
+def write_spec(manifest: Path, *, backbone: str, epochs: int, image_size: int, seed: int) -> Path:
     """The demo's data spec, next to its manifest, as a user would write it."""
     spec = {
         "name": "quickstart",

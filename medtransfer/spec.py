@@ -189,8 +189,7 @@ def _resolve_paths(spec: Spec) -> Spec:
     if wants_dir != data_path.is_dir():
         kind = "a folder" if wants_dir else "a file"
         raise SpecError(
-            f"{spec.origin}: data.path: {data_path} must be {kind} "
-            f"for format {spec.data.format!r}"
+            f"{spec.origin}: data.path: {data_path} must be {kind} for format {spec.data.format!r}"
         )
     weights = spec.model.weights
     if weights.lower() not in ("imagenet", "none") and not weights.startswith("run:"):

@@ -58,3 +58,22 @@ def history_figure(history: dict[str, list[float]]) -> Figure:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def image_grid_figure(
+    images: list[np.ndarray], titles: list[str] | None = None, *, columns: int = 4
+) -> Figure:
+    """Images in [0, 1] ([H, W], [H, W, 1] or [H, W, 3]) on a grid, grey shown as grey."""
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows), dpi=100)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        image = images[i][..., 0] if images[i].ndim == 3 and images[i].shape[-1] == 1 else images[i]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        if titles:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,30 @@
+"""Image reading: DICOM and ordinary image files to float32 arrays in [0, 1].
+
+Imported by spawned decode workers, so nothing here (or below) imports TensorFlow or Keras.
+"""
+
+from medtransfer.io.dicom import (
+    DicomDecodeError,
+    DicomImage,
+    ImageReadError,
+    NotDicomError,
+    UnsupportedDicomError,
+    is_dicom,
+    patient_key,
+    read_dicom,
+)
+from medtransfer.io.images import LoadedImage, load_image, read_image
+
+__all__ = [
+    "DicomDecodeError",
+    "DicomImage",
+    "ImageReadError",
+    "LoadedImage",
+    "NotDicomError",
+    "UnsupportedDicomError",
+    "is_dicom",
+    "load_image",
+    "patient_key",
+    "read_dicom",
+    "read_image",
+]

@@ -1,0 +1,439 @@
+"""DICOM file -> float32 image in [0, 1], plus the few tags that are safe to store.
+
+Decode workers run this in spawned processes, so it imports numpy and pydicom only, never
+TensorFlow. The pixel pipeline follows the DICOM display order (PS3.4 N.2): decode, Modality LUT,
+VOI LUT, polarity, colour. Following that order is what makes two files that differ only in
+transfer syntax, polarity (MONOCHROME1 vs MONOCHROME2) or rescale representation give the same
+pixels, so a model never learns the scanner's encoding choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import get_decoder
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
+from pydicom.pixels.utils import get_expected_length, get_nr_frames
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+__all__ = [
+    "DicomDecodeError",
+    "DicomImage",
+    "ImageReadError",
+    "NotDicomError",
+    "UnsupportedDicomError",
+    "is_dicom",
+    "patient_key",
+    "read_dicom",
+]
+
+FilePath = str | PathLike[str]
+Window = Literal["dicom", "minmax", "percentile"] | Mapping[str, float]
+Frames = Literal["first", "middle"]
+
+# Tags that describe the acquisition, never the patient. Free-text tags such as StudyDescription
+# are left out even though they are often harmless: sites put names and dates in them.
+SAFE_TAGS = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "Rows",
+    "Columns",
+    "BitsStored",
+    "PhotometricInterpretation",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PERCENTILES = (0.5, 99.5)
+
+
+class ImageReadError(Exception):
+    """One-line, user-facing reason a file could not become an image (``str(e)`` is that line).
+
+    Scoring writes the line into ``scores.csv`` and carries on with the next file, so every way a
+    bad file can fail has to arrive as this type rather than as whatever a codec raised; the
+    message is collapsed onto one line because it ends up in a CSV cell.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class NotDicomError(ImageReadError):
+    """The content is not DICOM, so a caller may still try another reader."""
+
+
+class UnsupportedDicomError(ImageReadError):
+    """Valid DICOM without a displayable image (SR, RT Plan, DICOMDIR, unknown colour space)."""
+
+
+class DicomDecodeError(ImageReadError):
+    """An image object whose bytes are corrupt, truncated or inconsistent with its tags."""
+
+
+@dataclass(frozen=True, eq=False)
+class DicomImage:
+    """Decoded pixels and safe metadata (``eq=False``: arrays have no single truth value).
+
+    ``pixels`` is float32, [H, W] for monochrome or [H, W, 3] for colour, in [0, 1]. ``meta``
+    holds the keywords in ``SAFE_TAGS`` plus ``TransferSyntaxUID`` and ``NumberOfFrames`` (None
+    when absent, so every file yields the same columns) and what the pipeline chose:
+    ``frame_index``, ``window_center``, ``window_width`` (modality units, None when not a
+    linear window) and ``window_source`` (``file``, ``voi_lut``, ``minmax``, ``percentile``,
+    ``explicit``, ``minmax_fallback`` or ``none`` for colour).
+    """
+
+    pixels: np.ndarray
+    meta: dict[str, Any]
+
+
+def is_dicom(path: FilePath) -> bool:
+    """Tell DICOM from other files by content, because archives name files arbitrarily.
+
+    Part 10 files carry 'DICM' at offset 128; files without that preamble are accepted only if
+    they start like a data set and pydicom finds a SOP Class in them.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    if head[128:132] == b"DICM":
+        return True
+    if not _starts_like_dataset(head):
+        return False
+    try:
+        _read_dataset(path, stop_before_pixels=True)
+    except ImageReadError:
+        return False
+    return True
+
+
+def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "first") -> DicomImage:
+    """Decode one frame of a DICOM image into float32 [0, 1] with safe metadata.
+
+    ``window`` is ``"dicom"`` (the file's first WindowCenter/Width, else its VOI LUT Sequence,
+    else min/max), ``"minmax"``, ``"percentile"`` (0.5-99.5) or ``{"center": c, "width": w}`` in
+    modality units (e.g. Hounsfield). Colour images are only scaled by their bit depth.
+    ``frames`` picks the ``"first"`` or ``"middle"`` frame of a multi-frame object.
+
+    Raises ImageReadError (or a subclass) for any file that cannot become an image, and
+    ValueError for an invalid ``window`` or ``frames`` argument, which is the caller's mistake.
+    """
+    mode, center, width = _parse_window(window)
+    if frames not in ("first", "middle"):
+        raise ValueError(f"frames must be 'first' or 'middle', not {frames!r}")
+    ds = _read_dataset(path)
+    _require_pixels(ds)
+    tsyntax = _transfer_syntax(ds)
+    try:
+        n_frames = get_nr_frames(ds, warn=False)
+    except Exception as exc:
+        raise DicomDecodeError(f"invalid NumberOfFrames: {exc}") from exc
+    index = 0 if frames == "first" else n_frames // 2
+    stored, photometric = _decode(ds, tsyntax, index)
+    try:
+        if photometric in ("MONOCHROME1", "MONOCHROME2"):
+            values = _modality(stored, ds, index)
+            pixels, used = _voi(values, ds, index, mode, center, width)
+            if photometric == "MONOCHROME1" or _presentation_inverse(ds):
+                np.subtract(1.0, pixels, out=pixels)
+        else:
+            pixels, used = _colour(stored, ds, photometric), (None, None, "none")
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise DicomDecodeError(f"invalid image attributes ({photometric}): {exc}") from exc
+    meta = _safe_meta(ds, tsyntax, n_frames, index)
+    meta["window_center"], meta["window_width"], meta["window_source"] = used
+    return DicomImage(pixels=pixels, meta=meta)
+
+
+def patient_key(ds_or_path: Dataset | FilePath, salt: str) -> str:
+    """Salted SHA-256 (first 16 hex chars) of PatientID, for patient-level splits.
+
+    Splitting by patient needs a stable per-patient key, but manifests and run directories must
+    not hold the ID itself. The salt (a per-project secret) is mandatory: without it anyone could
+    hash candidate IDs, which are short and structured, and match them against the keys.
+    """
+    if not salt:
+        raise ValueError("patient_key needs a non-empty salt")
+    ds = (
+        ds_or_path
+        if isinstance(ds_or_path, Dataset)
+        else _read_dataset(ds_or_path, stop_before_pixels=True)
+    )
+    patient_id = str(ds.get("PatientID") or "").strip()
+    if not patient_id:
+        raise ImageReadError("no PatientID: cannot derive a patient key")
+    return hashlib.sha256(f"{salt}\x00{patient_id}".encode()).hexdigest()[:16]
+
+
+def _starts_like_dataset(head: bytes) -> bool:
+    # A data set without preamble starts with its lowest group: file meta (0002) or, without
+    # meta, the SOP Common group (0008), in either byte order.
+    groups = {int.from_bytes(head[:2], "little"), int.from_bytes(head[:2], "big")}
+    return len(head) >= 8 and bool(groups & {0x0002, 0x0008})
+
+
+def _read_dataset(path: FilePath, stop_before_pixels: bool = False) -> Dataset:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+            f.seek(0)
+            if not head:
+                raise NotDicomError("not a DICOM file: empty file")
+            if head[128:132] == b"DICM":
+                return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
+            if not _starts_like_dataset(head):
+                raise NotDicomError("not a DICOM file")
+            ds = pydicom.dcmread(f, force=True, stop_before_pixels=stop_before_pixels)
+    except ImageReadError:
+        raise
+    except OSError as exc:
+        raise ImageReadError(f"cannot open file: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        raise DicomDecodeError(f"unreadable DICOM: {exc}") from exc
+    # force=True turns any bytes into some data set; only a SOP Class makes it DICOM.
+    if "SOPClassUID" not in ds and "MediaStorageSOPClassUID" not in ds.file_meta:
+        raise NotDicomError("not a DICOM file")
+    return ds
+
+
+def _require_pixels(ds: Dataset) -> None:
+    if any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        return
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    name = UID(sop_class).name if sop_class else "unidentified"
+    if "Rows" in ds or "Image Storage" in name:
+        raise DicomDecodeError("truncated: no Pixel Data")
+    raise UnsupportedDicomError(f"no image: {name} object")
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax:
+        return UID(tsyntax)
+    # No File Meta: trust the encoding pydicom detected while parsing, but only if the pixel
+    # data then has exactly the size of an uncompressed image (compressed data cannot be
+    # decoded without knowing its codec).
+    implicit, little = ds.original_encoding
+    if implicit:
+        inferred = ImplicitVRLittleEndian
+    else:
+        inferred = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = inferred
+    if "PixelData" in ds:
+        try:
+            expected = get_expected_length(ds)
+        except Exception as exc:
+            raise DicomDecodeError(f"no Transfer Syntax UID and {exc}") from exc
+        if len(ds.PixelData) not in (expected, expected + 1):
+            raise DicomDecodeError(
+                "no Transfer Syntax UID and the Pixel Data is not an uncompressed image "
+                f"({len(ds.PixelData)} bytes, expected {expected})"
+            )
+    return inferred
+
+
+def _codec(tsyntax: UID) -> str:
+    name = tsyntax.name
+    return next((c for c in ("JPEG 2000", "JPEG-LS", "JPEG", "RLE") if c in name), "pixel data")
+
+
+def _decode(ds: Dataset, tsyntax: UID, index: int) -> tuple[np.ndarray, str]:
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise UnsupportedDicomError(f"unsupported transfer syntax: {tsyntax.name}") from exc
+    try:
+        # Decoding one frame (index) avoids decompressing a whole multi-frame series; raw=False
+        # lets pydicom turn YBR_FULL(_422) into RGB, and the returned photometric
+        # interpretation tells what the decoder produced (e.g. RGB from a YBR_ICT JPEG 2000).
+        arr, info = decoder.as_array(ds, index=index)
+    except Exception as exc:
+        message = str(exc)
+        if "less than expected" in message:
+            raise DicomDecodeError(f"truncated: {message}") from exc
+        raise DicomDecodeError(f"{_codec(tsyntax)} decode failed: {message}") from exc
+    return arr, str(info["photometric_interpretation"])
+
+
+def _frame_item(ds: Dataset, index: int, keyword: str) -> Dataset | None:
+    # Enhanced multi-frame objects keep rescale and window in functional groups, per frame or
+    # shared, instead of at the top level.
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    groups = [per_frame[index]] if per_frame and index < len(per_frame) else []
+    groups += [shared[0]] if shared else []
+    for group in groups:
+        if sequence := group.get(keyword):
+            return sequence[0]
+    return None
+
+
+def _first(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple | MultiValue):
+        return float(value[0]) if len(value) else None
+    return float(value)
+
+
+def _modality(stored: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
+    if ds.get("ModalityLUTSequence"):
+        return apply_modality_lut(stored, ds).astype(np.float32)
+    item = _frame_item(ds, index, "PixelValueTransformationSequence") or ds
+    slope = _first(item.get("RescaleSlope"))
+    intercept = _first(item.get("RescaleIntercept"))
+    # The decoded array is ours, so float32 input is rescaled in place.
+    values = stored.astype(np.float32, copy=False)
+    if slope is not None and slope != 1.0:
+        values *= slope
+    if intercept:
+        values += intercept
+    return values
+
+
+def _parse_window(window: Window) -> tuple[str, float | None, float | None]:
+    if isinstance(window, Mapping):
+        try:
+            center, width = float(window["center"]), float(window["width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"window mapping needs numeric 'center' and 'width': {exc}") from exc
+        if not width > 0:
+            raise ValueError(f"window width must be positive, not {width}")
+        return "explicit", center, width
+    if window not in ("dicom", "minmax", "percentile"):
+        raise ValueError(f"window must be 'dicom', 'minmax', 'percentile' or a mapping: {window!r}")
+    return str(window), None, None
+
+
+def _voi(
+    values: np.ndarray,
+    ds: Dataset,
+    index: int,
+    mode: str,
+    center: float | None,
+    width: float | None,
+) -> tuple[np.ndarray, tuple[float | None, float | None, str]]:
+    if mode == "explicit":
+        return _linear(values, center, width, "LINEAR"), (center, width, mode)
+    if mode == "percentile":
+        low, high = (float(v) for v in np.percentile(values, _PERCENTILES))
+        return _stretch(values, low, high), ((low + high) / 2, high - low, mode)
+    low, high = float(values.min()), float(values.max())
+    if mode == "dicom":
+        item = _frame_item(ds, index, "FrameVOILUTSequence") or ds
+        center, width = _first(item.get("WindowCenter")), _first(item.get("WindowWidth"))
+        if center is not None and width is not None and width > 0:
+            # A window that misses every pixel (seen in real files) would give a blank image;
+            # min/max is the only safe guess then.
+            if center - width / 2 < high and center + width / 2 > low:
+                function = str(item.get("VOILUTFunction") or "LINEAR").strip().upper()
+                if function == "LINEAR" and "PixelData" not in ds:
+                    # LINEAR's -0.5/-1 terms assume integer input; on float pixel data a
+                    # [0, 1] window with width 1 would collapse into a step.
+                    function = "LINEAR_EXACT"
+                return _linear(values, center, width, function), (center, width, "file")
+            return _stretch(values, low, high), ((low + high) / 2, high - low, "minmax_fallback")
+        if ds.get("VOILUTSequence"):
+            return _voi_lut(values, ds), (None, None, "voi_lut")
+    return _stretch(values, low, high), ((low + high) / 2, high - low, "minmax")
+
+
+def _linear(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    # PS3.3 C.11.2.1.2 with the output range [0, 1] instead of pydicom's (which maps back onto
+    # the stored value range and works in float64). All in place on float32.
+    if function == "SIGMOID":
+        values -= center
+        values *= -4.0 / width
+        np.exp(values, out=values)
+        values += 1.0
+        return np.reciprocal(values, out=values)
+    if function == "LINEAR_EXACT":
+        scale, offset = 1.0 / width, 0.5 - center / width
+    elif width <= 1.0:
+        return (values > center - 0.5).astype(np.float32)
+    else:
+        scale, offset = 1.0 / (width - 1.0), 0.5 - (center - 0.5) / (width - 1.0)
+    values *= scale
+    values += offset
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        values.fill(0.0)
+        return values
+    values -= low
+    values /= high - low
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    entries, first, bits = ds.VOILUTSequence[0].LUTDescriptor
+    entries = entries or 2**16
+    # pydicom parses the LUT (US/OW ambiguity, byte order); feeding it every input value once
+    # yields the table, which then maps the float modality values by nearest entry.
+    table = apply_voi(np.arange(first, first + entries), ds).astype(np.float32)
+    table /= max(2**bits - 1, float(table.max()), 1.0)
+    indices = np.rint(values, out=values)
+    indices -= first
+    np.clip(indices, 0, entries - 1, out=indices)
+    return table[indices.astype(np.intp)]
+
+
+def _presentation_inverse(ds: Dataset) -> bool:
+    # DX/MG files state MONOCHROME1 twice (Photometric Interpretation and Presentation LUT Shape
+    # INVERSE); that is one inversion, not two.
+    return str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
+
+
+def _colour(stored: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(stored, ds)
+        scale = float(np.iinfo(rgb.dtype).max)
+    elif photometric == "RGB":
+        rgb = stored
+        scale = float(2 ** int(ds.BitsStored) - 1)
+    else:
+        raise UnsupportedDicomError(f"unsupported colour space: {photometric}")
+    pixels = rgb.astype(np.float32)
+    pixels /= scale
+    return np.clip(pixels, 0.0, 1.0, out=pixels)
+
+
+def _json_value(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple | MultiValue):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return str(value)
+
+
+def _safe_meta(ds: Dataset, tsyntax: UID, n_frames: int, index: int) -> dict[str, Any]:
+    meta = {keyword: _json_value(ds.get(keyword)) for keyword in SAFE_TAGS}
+    if meta["PixelSpacing"] is None and (item := _frame_item(ds, index, "PixelMeasuresSequence")):
+        meta["PixelSpacing"] = _json_value(item.get("PixelSpacing"))
+    meta["TransferSyntaxUID"] = str(tsyntax)
+    meta["NumberOfFrames"] = n_frames
+    meta["frame_index"] = index
+    return meta

@@ -1,0 +1,181 @@
+"""The CLI end to end on a small generated DICOM dataset: train -> evaluate -> export -> score,
+each through the real `medtransfer` console script, checked against the shared contract
+checkers; plus exit codes and the promise that patient identifiers never leave the inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+
+from medtransfer.quickstart import write_spec
+from medtransfer.synthetic import generate_dicom_dataset
+
+from .conftest import SHARED_TOOLS
+
+CLI = Path(sys.executable).parent / "medtransfer"
+
+
+def run_cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, (
+        f"{args}: {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    manifest = generate_dicom_dataset(root / "data", n_patients=24, seed=5)
+    spec = write_spec(manifest, backbone="mobilenetv3small", epochs=2, image_size=32, seed=5)
+    paths = {
+        "root": root,
+        "data": manifest.parent,
+        "spec": spec,
+        "run": root / "run",
+        "report": root / "report",
+        "export": root / "models" / "quick" / "1",
+        "scores": root / "scores.csv",
+    }
+    paths["train_out"] = run_cli("train", "--spec", str(spec), "--out", str(paths["run"])).stdout
+    paths["eval_out"] = run_cli(
+        "evaluate",
+        str(paths["run"]),
+        "--spec",
+        str(spec),
+        "--split",
+        "test",
+        "--out",
+        str(paths["report"]),
+    ).stdout
+    run_cli("export", str(paths["run"]), "--out", str(paths["export"]))
+    paths["score_out"] = run_cli(
+        "score",
+        str(paths["data"] / "dicom"),
+        "--model",
+        str(paths["export"]),
+        "--out",
+        str(paths["scores"]),
+        "--no-progress",
+    ).stdout
+    return paths
+
+
+def test_train_writes_a_complete_run(pipeline):
+    run = pipeline["run"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["classes"] == ["normal", "finding"] and info["epochs_run"] == 2
+    assert (run / "model.keras").is_file()
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 2 and {"auc", "val_auc", "loss"} <= set(history.columns)
+    manifest = pd.read_csv(run / "manifest.csv")
+    assert manifest.groupby("patient")["split"].nunique().max() == 1
+    assert "best validation AUROC" in pipeline["train_out"]
+
+
+def test_evaluate_reports_test_auroc_on_held_out_patients(pipeline):
+    metrics = json.loads((pipeline["report"] / "metrics.json").read_text())
+    run_manifest = pd.read_csv(pipeline["run"] / "manifest.csv")
+    assert metrics["split"] == "test"
+    assert metrics["n_images"] == int((run_manifest["split"] == "test").sum())
+    assert 0 <= metrics["auroc"]["macro"] <= 1
+    assert metrics["auroc"]["macro"] == metrics["auroc"]["per_class"]["finding"]
+    predictions = pd.read_csv(pipeline["report"] / "predictions.csv")
+    assert len(predictions) == metrics["n_images"]
+    assert (pipeline["report"] / "roc.png").stat().st_size > 10_000
+    assert "AUROC finding" in pipeline["eval_out"]
+
+
+def test_export_passes_the_contract_checker(pipeline):
+    result = subprocess.run(
+        [sys.executable, str(SHARED_TOOLS / "check_export.py"), str(pipeline["export"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scores_csv_meets_the_contract(pipeline):
+    folder = pipeline["data"] / "dicom"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SHARED_TOOLS / "check_scores.py"),
+            str(folder),
+            str(pipeline["scores"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout
+    scores = pd.read_csv(pipeline["scores"], keep_default_na=False)
+    assert list(scores.columns) == [
+        "path",
+        "status",
+        "error",
+        "sop_instance_uid",
+        "prob_normal",
+        "prob_finding",
+    ]
+    assert set(scores["status"]) == {"ok"}
+    assert len(scores) == len(list(folder.rglob("*.dcm")))
+    row = scores.iloc[0]
+    ds = pydicom.dcmread(folder / row["path"], stop_before_pixels=True)
+    assert row["sop_instance_uid"] == ds.SOPInstanceUID
+    assert abs(row["prob_normal"] + row["prob_finding"] - 1) < 1e-5
+
+
+def test_scores_match_the_evaluated_model(pipeline):
+    """Scoring the folder gives the same probabilities evaluation computed for the test images."""
+    predictions = pd.read_csv(pipeline["report"] / "predictions.csv")
+    scores = pd.read_csv(pipeline["scores"], keep_default_na=False)
+    folder = (pipeline["data"] / "dicom").resolve()
+    scores["abs"] = [str(folder / p) for p in scores["path"]]
+    merged = predictions.merge(scores, left_on="path", right_on="abs", suffixes=("_eval", "_score"))
+    assert len(merged) == len(predictions)
+    diff = (merged["prob_finding_eval"] - merged["prob_finding_score"]).abs().max()
+    assert diff <= 1e-5
+
+
+def test_no_patient_identifiers_in_any_output(pipeline):
+    sample = pydicom.dcmread(next((pipeline["data"] / "dicom").rglob("*.dcm")))
+    secrets = [str(sample.PatientName), sample.PatientID, sample.PatientBirthDate]
+    manifest = pd.read_csv(pipeline["data"] / "manifest.csv", dtype=str)
+    secrets += manifest["patient_id"].tolist()
+    outputs = [
+        p for key in ("run", "report", "export") for p in pipeline[key].rglob("*") if p.is_file()
+    ]
+    outputs.append(pipeline["scores"])
+    for path in outputs:
+        blob = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in blob, f"{secret!r} found in {path}"
+
+
+def test_bad_spec_exits_2_with_the_field_named(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: x\ntask: binary\nclasses: [a, b]\ndata: {format: npz, path: no.npz}\n")
+    result = run_cli("train", "--spec", str(spec), "--out", str(tmp_path / "run"), expect=2)
+    assert "data.path: no.npz not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_run_exits_2(tmp_path):
+    result = run_cli(
+        "export", str(tmp_path / "nothing"), "--out", str(tmp_path / "m" / "1"), expect=2
+    )
+    assert "is not a finished medtransfer run" in result.stderr
+
+
+def test_every_verb_has_help():
+    for verb in ("train", "evaluate", "export", "score", "quickstart"):
+        assert "usage: medtransfer " + verb in run_cli(verb, "--help").stdout
