@@ -18,7 +18,6 @@ import multiprocessing.connection
 import os
 import signal
 import stat
-import tempfile
 import threading
 import time
 import traceback
@@ -27,15 +26,15 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Set
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
+from medtransfer import atomic
 from medtransfer.errors import MedtransferError
 from medtransfer.io import ImageReadError, load_image
 
@@ -415,25 +414,10 @@ def _format_prob(value: np.float32) -> str:
 # --- output files ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def _atomic_open(path: Path) -> Iterator[IO[str]]:
-    """Write to a temp file in the same folder, then ``os.replace``: all or nothing, streamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with open(fd, "w", **_CSV_FILE) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _restart_partial(partial: Path, out: Path, columns: list[str], resume: bool) -> dict[str, str]:
     """Start the partial file with the rows kept from an earlier run; return their statuses."""
     previous = _read_previous(partial, out, columns) if resume else []
-    with _atomic_open(partial) as handle:
+    with atomic.replace_on_success(partial, "w", **_CSV_FILE) as handle:
         csv.writer(handle).writerows([columns, *previous])
     return {row[0]: row[1] for row in previous}
 
@@ -442,7 +426,7 @@ def _finalise(partial: Path, out: Path, stale: Set[str]) -> None:
     """Publish the partial file as the output, without rows for files that have since vanished."""
     with (
         open(partial, **_CSV_FILE) as source,
-        _atomic_open(out) as target,
+        atomic.replace_on_success(out, "w", **_CSV_FILE) as target,
     ):
         writer = csv.writer(target)
         writer.writerows(row for row in csv.reader(source) if row[0] not in stale)

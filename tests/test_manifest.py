@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medtransfer.data.manifest import build_manifest, fingerprint, patient_key, targets
+from medtransfer.data.manifest import build_manifest, fingerprint, targets
 from medtransfer.errors import SpecError
+from medtransfer.privacy import pseudonym
 from medtransfer.spec import spec_from_dict
 
 from .conftest import SHARED_DATA
@@ -101,7 +102,7 @@ def test_csv_split_keeps_each_patient_in_one_split_and_stratifies(tmp_path):
 def test_csv_patient_ids_never_reach_the_manifest(tmp_path):
     df = build_manifest(csv_spec(make_csv_dataset(tmp_path)))
     assert not df.astype(str).apply(lambda c: c.str.contains("PAT0")).any().any()
-    assert df["patient"].iloc[0] == patient_key("PAT000", "medtransfer:csv")
+    assert df["patient"].iloc[0] == pseudonym("PAT000", "medtransfer:csv")
 
 
 def test_split_is_reproducible_and_seed_dependent(tmp_path):

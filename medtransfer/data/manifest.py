@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from medtransfer.errors import SpecError
+from medtransfer.privacy import pseudonym
 from medtransfer.spec import Spec
 
 SPLITS = ("train", "val", "test")
@@ -25,12 +26,6 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".d
 
 def target_columns(classes: list[str]) -> list[str]:
     return [f"y:{name}" for name in classes]
-
-
-def patient_key(patient_id: object, salt: str) -> str:
-    """Salted SHA-256 of a patient identifier: stable for grouping, useless for re-identifying."""
-    digest = hashlib.sha256(f"{salt}\x00{patient_id}".encode()).hexdigest()
-    return digest[:16]
 
 
 def build_manifest(spec: Spec) -> pd.DataFrame:
@@ -163,9 +158,9 @@ def _from_csv(spec: Spec) -> pd.DataFrame:
         )
     salt = f"medtransfer:{spec.name}"
     patients = (
-        [patient_key(p, salt) for p in table[source.patient_column]]
+        [pseudonym(p, salt) for p in table[source.patient_column]]
         if source.patient_column
-        else [patient_key(p, salt) for p in paths]
+        else [pseudonym(p, salt) for p in paths]
     )
     columns = {
         "patient": patients,
@@ -206,7 +201,7 @@ def _from_folders(spec: Spec) -> pd.DataFrame:
         raise _fail(spec, "data.path", f"no images under {root}/<class>/")
     paths, splits, labels = zip(*rows, strict=True)
     salt = f"medtransfer:{spec.name}"
-    columns = {"patient": [patient_key(p, salt) for p in paths], "site": ""}
+    columns = {"patient": [pseudonym(p, salt) for p in paths], "site": ""}
     if layered:
         columns["split"] = list(splits)
     targets = _targets_from_indices(np.array(labels), spec)

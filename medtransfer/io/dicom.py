@@ -9,7 +9,6 @@ pixels, so a model never learns the scanner's encoding choices.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
@@ -23,6 +22,8 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import get_expected_length, get_nr_frames
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from medtransfer.privacy import pseudonym
 
 __all__ = [
     "DicomDecodeError",
@@ -169,8 +170,6 @@ def patient_key(ds_or_path: Dataset | FilePath, salt: str) -> str:
     not hold the ID itself. The salt (a per-project secret) is mandatory: without it anyone could
     hash candidate IDs, which are short and structured, and match them against the keys.
     """
-    if not salt:
-        raise ValueError("patient_key needs a non-empty salt")
     ds = (
         ds_or_path
         if isinstance(ds_or_path, Dataset)
@@ -179,7 +178,7 @@ def patient_key(ds_or_path: Dataset | FilePath, salt: str) -> str:
     patient_id = str(ds.get("PatientID") or "").strip()
     if not patient_id:
         raise ImageReadError("no PatientID: cannot derive a patient key")
-    return hashlib.sha256(f"{salt}\x00{patient_id}".encode()).hexdigest()[:16]
+    return pseudonym(patient_id, salt)
 
 
 def _starts_like_dataset(head: bytes) -> bool:

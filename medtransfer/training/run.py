@@ -113,8 +113,8 @@ def train(
     atomic.write_text(out / SPEC_FILE, dump_spec(spec))
     atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
 
-    model = compile_model(build_model(spec), spec)
     batch = spec.training.batch_size
+    model = compile_model(build_model(spec), spec, steps_per_epoch=-(-len(train_x) // batch))
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.ModelCheckpoint(
             out / MODEL_FILE, monitor="val_auc", mode="max", save_best_only=True
