@@ -25,7 +25,7 @@ test-all: venv
 	$(BIN)/python -m pytest
 
 bench: venv
-	$(BIN)/python -m pytest -m bench -s
+	$(BIN)/python benchmarks/scoring_throughput.py
 
 lint: venv
 	$(BIN)/ruff check medtransfer tests benchmarks
