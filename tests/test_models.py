@@ -130,3 +130,14 @@ def test_offline_imagenet_fails_fast_and_explains_the_local_file_route(tmp_path,
 
 def test_registry_has_the_promised_backbones():
     assert {"resnet50", "efficientnetb0", "densenet121"} <= set(BACKBONES)
+
+
+def test_pipeline_resize_is_the_models_own_resize():
+    """Training feeds pre-resized images; serving feeds full-size ones: same pixels either way."""
+    from medtransfer.data.pipeline import to_model_input
+
+    resize = build_model(tiny_spec()).get_layer("resize")
+    for shape in ((97, 61), (40, 120), (32, 32)):
+        image = RNG.random(shape, dtype=np.float32)
+        in_graph = np.asarray(resize(image[None, ..., None]))
+        np.testing.assert_allclose(to_model_input([image], (32, 32), 1), in_graph, atol=1e-6)

@@ -17,6 +17,7 @@ import pandas as pd
 from medtransfer import atomic
 from medtransfer.data.manifest import build_manifest, targets
 from medtransfer.data.pipeline import load_images
+from medtransfer.errors import SpecError
 from medtransfer.evaluation.metrics import compute_metrics
 from medtransfer.evaluation.plots import roc_figure
 from medtransfer.predictor import load_predictor
@@ -73,10 +74,12 @@ def evaluate(
     predictor = load_predictor(source)
     info = predictor.info
     if list(spec.classes) != info.class_names:
-        raise ValueError(f"spec classes {spec.classes} differ from the model's {info.class_names}")
+        raise SpecError(
+            f"{spec.origin}: classes: {spec.classes} differ from the model's {info.class_names}"
+        )
     rows = _split_rows(spec, source, split)
     if rows.empty:
-        raise ValueError(f"the {split} split of {spec.source_file} has no images")
+        raise SpecError(f"{spec.origin}: the {split} split has no images")
     images = load_images(
         rows,
         info.image_size,
