@@ -9,7 +9,7 @@ pixels, so a model never learns the scanner's encoding choices.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any, Literal
@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
-from pydicom.pixels.utils import get_expected_length, get_nr_frames
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.pixels.utils import get_nr_frames
+from pydicom.uid import UID
 
 from medtransfer.privacy import pseudonym
 
@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 FilePath = str | PathLike[str]
-Window = Literal["dicom", "minmax", "percentile"] | Mapping[str, float]
+SingleWindow = str | Mapping[str, float]
+Window = SingleWindow | Sequence[SingleWindow]
 Frames = Literal["first", "middle"]
 
 # Tags that describe the acquisition, never the patient. Free-text tags such as StudyDescription
@@ -59,6 +60,19 @@ SAFE_TAGS = (
 )
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PERCENTILES = (0.5, 99.5)
+
+# Named CT windows (center, width) in Hounsfield units, as radiology workstations ship them.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (50.0, 400.0),
+    "liver": (60.0, 160.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+_AUTO_WINDOWS = ("dicom", "minmax", "percentile")
+_CT_FLOOR_HU = -8192.0
+_CT_IMPLAUSIBLE_SHARE = 0.001
 
 
 class ImageReadError(Exception):
@@ -127,14 +141,17 @@ def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "fi
     """Decode one frame of a DICOM image into float32 [0, 1] with safe metadata.
 
     ``window`` is ``"dicom"`` (the file's first WindowCenter/Width, else its VOI LUT Sequence,
-    else min/max), ``"minmax"``, ``"percentile"`` (0.5-99.5) or ``{"center": c, "width": w}`` in
-    modality units (e.g. Hounsfield). Colour images are only scaled by their bit depth.
+    else min/max), ``"minmax"``, ``"percentile"`` (0.5-99.5), ``{"center": c, "width": w}`` in
+    modality units, or a CT preset name (``CT_WINDOWS``, Hounsfield units; CT files only). A list
+    of three windows stacks them into the three channels of an [H, W, 3] image (e.g. lung,
+    mediastinum, bone), which gives an RGB backbone three views of one CT slice. Colour images
+    are only scaled by their bit depth.
     ``frames`` picks the ``"first"`` or ``"middle"`` frame of a multi-frame object.
 
     Raises ImageReadError (or a subclass) for any file that cannot become an image, and
     ValueError for an invalid ``window`` or ``frames`` argument, which is the caller's mistake.
     """
-    mode, center, width = _parse_window(window)
+    windows = _parse_windows(window)
     if frames not in ("first", "middle"):
         raise ValueError(f"frames must be 'first' or 'middle', not {frames!r}")
     ds = _read_dataset(path)
@@ -149,7 +166,12 @@ def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "fi
     try:
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
             values = _modality(stored, ds, index)
-            pixels, used = _voi(values, ds, index, mode, center, width)
+            _check_hounsfield(ds, window)
+            _check_plausible_ct(ds, stored, values)
+            # _voi works in place, so stacked windows each need their own copy.
+            copy = len(windows) > 1
+            views = [_voi(values.copy() if copy else values, ds, index, *w) for w in windows]
+            pixels, used = views[0] if len(views) == 1 else _stack(views)
             if photometric == "MONOCHROME1" or _presentation_inverse(ds):
                 np.subtract(1.0, pixels, out=pixels)
         else:
@@ -226,26 +248,12 @@ def _transfer_syntax(ds: Dataset) -> UID:
     tsyntax = ds.file_meta.get("TransferSyntaxUID")
     if tsyntax:
         return UID(tsyntax)
-    # No File Meta: trust the encoding pydicom detected while parsing, but only if the pixel
-    # data then has exactly the size of an uncompressed image (compressed data cannot be
-    # decoded without knowing its codec).
-    implicit, little = ds.original_encoding
-    if implicit:
-        inferred = ImplicitVRLittleEndian
-    else:
-        inferred = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    ds.file_meta.TransferSyntaxUID = inferred
-    if "PixelData" in ds:
-        try:
-            expected = get_expected_length(ds)
-        except Exception as exc:
-            raise DicomDecodeError(f"no Transfer Syntax UID and {exc}") from exc
-        if len(ds.PixelData) not in (expected, expected + 1):
-            raise DicomDecodeError(
-                "no Transfer Syntax UID and the Pixel Data is not an uncompressed image "
-                f"({len(ds.PixelData)} bytes, expected {expected})"
-            )
-    return inferred
+    # Guessing the encoding of a file without File Meta (pydicom can parse the tags) sometimes
+    # yields a plausible image and sometimes a wrong one; a QA pass should flag such files for
+    # re-export from the PACS rather than train on a guess.
+    raise DicomDecodeError(
+        "no Transfer Syntax UID (file has no DICOM File Meta header): pixel encoding unknown"
+    )
 
 
 def _codec(tsyntax: UID) -> str:
@@ -307,7 +315,62 @@ def _modality(stored: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
     return values
 
 
-def _parse_window(window: Window) -> tuple[str, float | None, float | None]:
+def _stack(views: list[tuple[np.ndarray, tuple]]) -> tuple[np.ndarray, tuple]:
+    pixels = np.stack([p for p, _ in views], axis=-1)
+    centers, widths, sources = zip(*(used for _, used in views), strict=True)
+    return pixels, (list(centers), list(widths), "+".join(sources))
+
+
+def _parse_windows(window: Window) -> list[tuple[str, float | None, float | None]]:
+    if isinstance(window, str | Mapping):
+        return [_parse_window(window)]
+    windows = list(window)
+    if len(windows) != 3:
+        raise ValueError(f"stacked windows go into 3 channels; got {len(windows)} windows")
+    return [_parse_window(w) for w in windows]
+
+
+def _names_presets(window: Window) -> list[str]:
+    items = [window] if isinstance(window, str | Mapping) else list(window)
+    return [w for w in items if isinstance(w, str) and w in CT_WINDOWS]
+
+
+def _check_plausible_ct(ds: Dataset, stored: np.ndarray, values: np.ndarray) -> None:
+    """Refuse CT pixels no scanner produces: the sign of a codec that decoded garbage silently.
+
+    Nothing in a CT is below air (-1000 HU); scanners pad outside the field of view with values
+    around -2000 to -3024. Some corrupt JPEG Lossless streams decode without any error into
+    values spread over the whole 16-bit range, which would otherwise train a model on noise.
+    """
+    if str(ds.get("Modality", "")) != "CT":
+        return
+    implausible = values < _CT_FLOOR_HU
+    padding = ds.get("PixelPaddingValue")
+    if padding is not None:
+        implausible &= stored != padding
+    share = float(implausible.mean())
+    if share > _CT_IMPLAUSIBLE_SHARE:
+        raise DicomDecodeError(
+            f"implausible CT values: {share:.1%} of pixels below {_CT_FLOOR_HU:.0f} HU "
+            "(corrupt pixel data that the decoder did not detect)"
+        )
+
+
+def _check_hounsfield(ds: Dataset, window: Window) -> None:
+    """CT presets are Hounsfield values: on an MR or radiograph they would window noise."""
+    presets = _names_presets(window)
+    modality = str(ds.get("Modality", "") or "")
+    if presets and modality != "CT":
+        raise UnsupportedDicomError(
+            f"window {presets[0]!r} is a CT preset in Hounsfield units but Modality is "
+            f"{modality or 'missing'}"
+        )
+
+
+def _parse_window(window: SingleWindow) -> tuple[str, float | None, float | None]:
+    if isinstance(window, str) and window in CT_WINDOWS:
+        center, width = CT_WINDOWS[window]
+        return "explicit", center, width
     if isinstance(window, Mapping):
         try:
             center, width = float(window["center"]), float(window["width"])
@@ -316,8 +379,11 @@ def _parse_window(window: Window) -> tuple[str, float | None, float | None]:
         if not width > 0:
             raise ValueError(f"window width must be positive, not {width}")
         return "explicit", center, width
-    if window not in ("dicom", "minmax", "percentile"):
-        raise ValueError(f"window must be 'dicom', 'minmax', 'percentile' or a mapping: {window!r}")
+    if window not in _AUTO_WINDOWS:
+        raise ValueError(
+            f"window must be one of {', '.join((*_AUTO_WINDOWS, *CT_WINDOWS))}, a "
+            f"{{center, width}} mapping or a list of 3 of those: {window!r}"
+        )
     return str(window), None, None
 
 
