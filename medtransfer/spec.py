@@ -40,17 +40,38 @@ class DataSource(_Strict):
 
     ``npz``: a MedMNIST-style archive with ``train_images``/``train_labels`` (and val/test); the
     file's own splits are used. ``manifest``: a CSV with one row per image. ``folders``: a tree
-    ``ROOT/<class>/...`` or ``ROOT/<split>/<class>/...``.
+    ``ROOT/<class>/...`` or ``ROOT/<split>/<class>/...``. ``dicom_folder``: a folder as exported
+    from a PACS (crawled recursively, DICOM recognised by content) plus a ``labels`` CSV whose
+    ``key_column`` holds each file's SOPInstanceUID (``key: sop_instance_uid``) or its path
+    relative to the folder (``key: path``); patients default to the files' PatientID (hashed),
+    and ``site_tag`` names a DICOM tag whose value is the site (hashed unless it is a safe,
+    non-identifying tag such as Manufacturer).
     """
 
-    format: Literal["npz", "manifest", "folders"]
+    format: Literal["npz", "manifest", "folders", "dicom_folder"]
     path: Path
+    labels: Path | None = None
+    key: Literal["path", "sop_instance_uid"] = "path"
+    key_column: str | None = None
+    site_tag: str | None = None
     image_column: str = "path"
     label_columns: list[str] = Field(default_factory=lambda: ["label"], min_length=1)
     label_separator: str = "|"
     patient_column: str | None = None
     site_column: str | None = None
     split_column: str | None = None
+
+    @model_validator(mode="after")
+    def _dicom_folder_needs_labels(self) -> DataSource:
+        if self.format == "dicom_folder" and self.labels is None:
+            raise ValueError("format dicom_folder needs labels: a CSV of labels per file")
+        if self.format != "dicom_folder" and (self.labels or self.site_tag or self.key_column):
+            raise ValueError("labels, key_column and site_tag only apply to format dicom_folder")
+        return self
+
+    @property
+    def label_key_column(self) -> str:
+        return self.key_column or self.key
 
 
 class SplitSpec(_Strict):
@@ -73,13 +94,39 @@ class ImageSpec(_Strict):
         224,
     )
     channels: Literal[1, 3] = 1
-    window: Literal["dicom", "minmax", "percentile"] | ExplicitWindow = "dicom"
+    window: str | ExplicitWindow | list[str | ExplicitWindow] = "dicom"
     frames: Literal["first", "middle"] = "first"
 
+    @field_validator("window")
+    @classmethod
+    def _known_windows(cls, value):
+        from medtransfer.io.dicom import CT_WINDOWS
+
+        names = ("dicom", "minmax", "percentile", *CT_WINDOWS)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, str) and item not in names:
+                raise ValueError(f"unknown window {item!r}; choose one of {', '.join(names)}")
+        if isinstance(value, list) and len(value) != 3:
+            raise ValueError(f"stacked windows fill 3 channels; got {len(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _stacked_windows_make_three_channels(self) -> ImageSpec:
+        if isinstance(self.window, list) and self.channels != 3:
+            raise ValueError("three stacked windows need channels: 3")
+        return self
+
     @property
-    def window_policy(self) -> str | dict[str, float]:
+    def window_policy(self) -> str | dict[str, float] | list[str | dict[str, float]]:
         """The window as ``medtransfer.io.load_image`` takes it (plain data, picklable)."""
-        return self.window if isinstance(self.window, str) else self.window.model_dump()
+
+        def plain(window: str | ExplicitWindow) -> str | dict[str, float]:
+            return window if isinstance(window, str) else window.model_dump()
+
+        if isinstance(self.window, list):
+            return [plain(w) for w in self.window]
+        return plain(self.window)
 
 
 class ModelSpec(_Strict):
@@ -185,7 +232,7 @@ def _resolve_paths(spec: Spec) -> Spec:
             f"{spec.origin}: data.path: {spec.data.path} not found "
             f"(looked for {data_path}; relative paths are relative to the spec file)"
         )
-    wants_dir = spec.data.format == "folders"
+    wants_dir = spec.data.format in ("folders", "dicom_folder")
     if wants_dir != data_path.is_dir():
         kind = "a folder" if wants_dir else "a file"
         raise SpecError(
@@ -200,9 +247,14 @@ def _resolve_paths(spec: Spec) -> Spec:
                 "'imagenet', 'none' nor an existing weights file"
             )
         weights = str(weights_path.resolve())
+    labels = spec.data.labels
+    if labels is not None:
+        labels = (labels if labels.is_absolute() else base / labels).resolve()
+        if not labels.is_file():
+            raise SpecError(f"{spec.origin}: data.labels: {spec.data.labels} not found ({labels})")
     return spec.model_copy(
         update={
-            "data": spec.data.model_copy(update={"path": data_path}),
+            "data": spec.data.model_copy(update={"path": data_path, "labels": labels}),
             "model": spec.model.model_copy(update={"weights": weights}),
         }
     )

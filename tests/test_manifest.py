@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from PIL import Image
 
@@ -194,3 +195,101 @@ def test_fingerprint_follows_content_and_labels_not_location(tmp_path):
     assert fingerprint(relabelled) != first
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(df["path"].iloc[0])
     assert fingerprint(df) != first
+
+
+@pytest.fixture(scope="module")
+def dicom_archive(tmp_path_factory):
+    from medtransfer.synthetic import generate_dicom_dataset
+
+    root = tmp_path_factory.mktemp("archive")
+    manifest = pd.read_csv(generate_dicom_dataset(root, n_patients=12, seed=2))
+    (root / "dicom" / "README.txt").write_text("not an image")  # passed over by content
+    sops = [
+        str(pydicom.dcmread(root / p, stop_before_pixels=True).SOPInstanceUID)
+        for p in manifest["path"]
+    ]
+    manifest["sop_instance_uid"] = sops
+    manifest["relative"] = manifest["path"].str.removeprefix("dicom/")
+    return root, manifest
+
+
+def dicom_folder_spec(root, labels, **data):
+    return spec_from_dict(
+        {
+            "name": "archive",
+            "task": "binary",
+            "classes": ["normal", "finding"],
+            "data": {
+                "format": "dicom_folder",
+                "path": str(root / "dicom"),
+                "labels": str(labels),
+                **data,
+            },
+            "split": {"val": 0.25, "test": 0.25},
+        }
+    )
+
+
+def test_dicom_folder_keyed_by_sop_instance_uid(dicom_archive, tmp_path):
+    root, manifest = dicom_archive
+    labels = tmp_path / "labels.csv"
+    manifest[["sop_instance_uid", "label"]].to_csv(labels, index=False)
+    spec = dicom_folder_spec(root, labels, key="sop_instance_uid", site_tag="InstitutionName")
+    df = build_manifest(spec)
+    assert len(df) == len(manifest)
+    expected = dict(
+        zip(
+            manifest["path"].map(lambda p: str((root / p).resolve())),
+            manifest["label"],
+            strict=True,
+        )
+    )
+    assert dict(zip(df["path"], df["label"], strict=True)) == expected
+    # patients come from the DICOM PatientID, hashed; sites from a hashed institution name
+    truth = manifest.set_index(manifest["path"].map(lambda p: str((root / p).resolve())))
+    assert (
+        df.groupby("patient")["path"].apply(lambda p: truth.loc[p, "patient_id"].nunique()).max()
+        == 1
+    )
+    assert df["patient"].nunique() == 12
+    assert df["site"].nunique() == 2 and all(s.startswith("site-") for s in df["site"])
+    assert not df.astype(str).apply(lambda c: c.str.contains("SYNTHETIC|QS-")).any().any()
+    assert df.groupby("patient")["split"].nunique().max() == 1
+
+
+def test_dicom_folder_keyed_by_path_with_safe_site_tag(dicom_archive, tmp_path):
+    root, manifest = dicom_archive
+    labels = tmp_path / "labels.csv"
+    manifest[["relative", "label"]].head(10).to_csv(labels, index=False)
+    spec = dicom_folder_spec(
+        root, labels, key="path", key_column="relative", site_tag="Manufacturer"
+    )
+    df = build_manifest(spec)
+    assert len(df) == 10  # only labelled files take part
+    assert set(df["site"]) <= {"Synthetica Medical", "Phantom Imaging Systems"}
+
+
+def test_dicom_folder_labels_without_a_file_are_an_error(dicom_archive, tmp_path):
+    root, manifest = dicom_archive
+    labels = tmp_path / "labels.csv"
+    table = manifest[["sop_instance_uid", "label"]].copy()
+    table.loc[0, "sop_instance_uid"] = "1.2.3.4"
+    table.to_csv(labels, index=False)
+    spec = dicom_folder_spec(root, labels, key="sop_instance_uid")
+    with pytest.raises(
+        SpecError, match=r"1 labelled image\(s\) not found as DICOM .* '1\.2\.3\.4'"
+    ):
+        build_manifest(spec)
+
+
+def test_dicom_folder_needs_a_labels_file(dicom_archive):
+    root, _ = dicom_archive
+    with pytest.raises(SpecError, match="format dicom_folder needs labels"):
+        spec_from_dict(
+            {
+                "name": "x",
+                "task": "binary",
+                "classes": ["a", "b"],
+                "data": {"format": "dicom_folder", "path": str(root)},
+            }
+        )

@@ -130,3 +130,17 @@ def test_dump_round_trips(tmp_path):
     spec = load_spec(REPO / "data_specs" / "retinamnist.yaml")
     again = load_spec(write(tmp_path, dump_spec(spec)))
     assert again.model_dump(exclude={"source_file"}) == spec.model_dump(exclude={"source_file"})
+
+
+def test_ct_window_presets_and_stacking_in_a_spec():
+    spec = spec_from_dict(
+        base(image={"window": ["lung", {"center": 50, "width": 350}, "bone"], "channels": 3})
+    )
+    assert spec.image.window_policy == ["lung", {"center": 50.0, "width": 350.0}, "bone"]
+    assert spec_from_dict(base(image={"window": "brain"})).image.window_policy == "brain"
+    with pytest.raises(SpecError, match=r"image\.window.*unknown window 'lungs'"):
+        spec_from_dict(base(image={"window": "lungs"}))
+    with pytest.raises(SpecError, match="need channels: 3"):
+        spec_from_dict(base(image={"window": ["lung", "mediastinum", "bone"], "channels": 1}))
+    with pytest.raises(SpecError, match="fill 3 channels"):
+        spec_from_dict(base(image={"window": ["lung", "bone"], "channels": 3}))

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from medtransfer.errors import SpecError
+from medtransfer.io.dicom import SAFE_TAGS
 from medtransfer.privacy import pseudonym
 from medtransfer.spec import Spec
 
 SPLITS = ("train", "val", "test")
 NPZ_SEPARATOR = "#"
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ""}
 
 
@@ -30,7 +34,12 @@ def target_columns(classes: list[str]) -> list[str]:
 
 def build_manifest(spec: Spec) -> pd.DataFrame:
     """The spec's data as a manifest with columns path, split, patient, site, label, y:<class>."""
-    builders = {"npz": _from_npz, "manifest": _from_csv, "folders": _from_folders}
+    builders = {
+        "npz": _from_npz,
+        "manifest": _from_csv,
+        "folders": _from_folders,
+        "dicom_folder": _from_dicom_folder,
+    }
     df = builders[spec.data.format](spec)
     if "split" not in df.columns or df["split"].isna().any():
         df["split"] = _patient_split(df, spec)
@@ -167,12 +176,79 @@ def _from_csv(spec: Spec) -> pd.DataFrame:
         "site": table[source.site_column].tolist() if source.site_column else "",
     }
     if source.split_column:
-        split = table[source.split_column].str.strip().str.lower()
-        bad = sorted(set(split) - set(SPLITS))
-        if bad:
-            raise _fail(spec, "data.split_column", f"values {bad} are not train/val/test")
-        columns["split"] = split.tolist()
+        columns["split"] = _split_values(table[source.split_column], spec)
     return _frame(paths, _labels_from_csv(table, spec), spec, **columns)
+
+
+def _split_values(column: pd.Series, spec: Spec) -> list[str]:
+    split = column.str.strip().str.lower()
+    bad = sorted(set(split) - set(SPLITS))
+    if bad:
+        raise _fail(spec, "data.split_column", f"values {bad} are not train/val/test")
+    return split.tolist()
+
+
+def _dicom_headers(root: Path, tags: list[str]) -> pd.DataFrame:
+    """Relative path, SOPInstanceUID and the requested tags of every DICOM image under root.
+
+    Files are recognised by content; non-DICOM files and DICOMDIRs are passed over (a labels
+    CSV decides which images take part, and ``medtransfer inspect`` reports the rest).
+    """
+    rows = []
+    wanted = ["SOPInstanceUID", "SOPClassUID", *tags]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=wanted)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if "SOPInstanceUID" not in ds or str(ds.get("SOPClassUID", "")) == _DICOMDIR_CLASS:
+            continue
+        row = {"_path": path.relative_to(root).as_posix(), "_file": str(path.resolve())}
+        row["_sop_instance_uid"] = str(ds.SOPInstanceUID)
+        row.update({f"_{tag}": str(ds.get(tag, "") or "") for tag in tags})
+        rows.append(row)
+    columns = ["_path", "_file", "_sop_instance_uid", *(f"_{tag}" for tag in tags)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _from_dicom_folder(spec: Spec) -> pd.DataFrame:
+    source = spec.data
+    table = pd.read_csv(source.labels, dtype=str, keep_default_na=False)
+    key = source.label_key_column
+    wanted = [key, *source.label_columns]
+    wanted += [c for c in (source.patient_column, source.site_column, source.split_column) if c]
+    missing = [c for c in wanted if c not in table.columns]
+    if missing:
+        raise _fail(spec, "data.labels", f"column(s) {missing} not in {source.labels.name}")
+    tags = [t for t in ("PatientID", source.site_tag) if t]
+    headers = _dicom_headers(source.path, tags)
+    by = f"_{source.key}"
+    if headers[by].duplicated().any():
+        dup = headers.loc[headers[by].duplicated(), by].iloc[0]
+        raise _fail(spec, "data.key", f"{dup!r} names more than one file under {source.path}")
+    joined = table.merge(headers, left_on=key, right_on=by, how="left", indicator=True)
+    unmatched = joined.loc[joined["_merge"] == "left_only", key].tolist()
+    if unmatched:
+        raise _fail(
+            spec,
+            "data.labels",
+            f"{len(unmatched)} labelled image(s) not found as DICOM under {source.path} "
+            f"by {source.key}, e.g. {unmatched[0]!r}",
+        )
+    salt = f"medtransfer:{spec.name}"
+    identity = joined[source.patient_column] if source.patient_column else joined["_PatientID"]
+    if not source.patient_column and (identity == "").any():
+        raise _fail(spec, "data.patient_column", "some files have no PatientID; name a column")
+    columns = {"patient": [pseudonym(p, salt) for p in identity], "site": ""}
+    if source.site_column:
+        columns["site"] = joined[source.site_column].tolist()
+    elif source.site_tag:
+        values = joined[f"_{source.site_tag}"]
+        keep = source.site_tag in SAFE_TAGS
+        columns["site"] = [v if keep else f"site-{pseudonym(v, salt)[:8]}" for v in values]
+    if source.split_column:
+        columns["split"] = _split_values(joined[source.split_column], spec)
+    return _frame(joined["_file"].tolist(), _labels_from_csv(joined, spec), spec, **columns)
 
 
 def _from_folders(spec: Spec) -> pd.DataFrame:
