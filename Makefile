@@ -25,6 +25,8 @@ test-all: venv
 	$(BIN)/python -m pytest
 
 bench: venv
+	$(BIN)/python benchmarks/decode_throughput.py
+	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/scoring_throughput.py
 
 lint: venv

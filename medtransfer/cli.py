@@ -94,6 +94,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from medtransfer.inspect import inspect_folder
+
+    options = {"workers": args.workers, "resume": args.resume, "progress": not args.no_progress}
+    summary = inspect_folder(args.input_dir, args.out, **options)
+    print(summary)
+    return summary.exit_code
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from medtransfer.quickstart import run_quickstart
 
@@ -160,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--resume", action="store_true", help="keep rows already in --out")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)
+
+    inspect = verbs.add_parser(
+        "inspect", help="decode every file under a folder and list tags and errors in a CSV"
+    )
+    inspect.add_argument("input_dir", metavar="DIR")
+    inspect.add_argument("--out", required=True, help="qa.csv to write")
+    inspect.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
+    inspect.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inspect.set_defaults(func=cmd_inspect)
 
     quick = verbs.add_parser(
         "quickstart", help="generate a DICOM demo dataset and run the whole pipeline on it"

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The decode cache defaults to ~/.cache/medtransfer; tests (and the CLI and notebook processes
+# they start, which inherit this) keep theirs in a throwaway folder.
+_TEST_CACHE = tempfile.mkdtemp(prefix="medtransfer-test-cache-")
+os.environ.setdefault("MEDTRANSFER_CACHE", _TEST_CACHE)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SHARED_TOOLS = REPO.parent / "shared" / "tools"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache():
+    yield
+    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
