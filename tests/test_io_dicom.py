@@ -599,3 +599,14 @@ def test_ct_preset_on_a_non_ct_image_is_refused() -> None:
         read_dicom(CORPUS / "693_UNCI.dcm", window=["lung", "bone"])
     with pytest.raises(ValueError, match="window must be one of"):
         read_dicom(CORPUS / "693_UNCI.dcm", window="lungs")
+
+
+def test_all_frames_stack_each_through_its_own_pipeline() -> None:
+    path = CORPUS / "emri_small.dcm"
+    stack = read_dicom(path, frames="all").pixels
+    assert stack.shape == (10, 64, 64) and stack.dtype == np.float32
+    assert np.array_equal(stack[0], read_dicom(path, frames="first").pixels)
+    assert np.array_equal(stack[5], read_dicom(path, frames="middle").pixels)
+    assert not np.array_equal(stack[0], stack[9])
+    single = read_dicom(CORPUS / "693_UNCI.dcm", frames="all").pixels
+    assert single.shape == (1, 512, 512)

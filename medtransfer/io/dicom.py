@@ -39,7 +39,7 @@ __all__ = [
 FilePath = str | PathLike[str]
 SingleWindow = str | Mapping[str, float]
 Window = SingleWindow | Sequence[SingleWindow]
-Frames = Literal["first", "middle"]
+Frames = Literal["first", "middle", "all"]
 
 # Tags that describe the acquisition, never the patient. Free-text tags such as StudyDescription
 # are left out even though they are often harmless: sites put names and dates in them.
@@ -138,7 +138,7 @@ def is_dicom(path: FilePath) -> bool:
 
 
 def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "first") -> DicomImage:
-    """Decode one frame of a DICOM image into float32 [0, 1] with safe metadata.
+    """Decode a DICOM image into float32 [0, 1] with safe metadata.
 
     ``window`` is ``"dicom"`` (the file's first WindowCenter/Width, else its VOI LUT Sequence,
     else min/max), ``"minmax"``, ``"percentile"`` (0.5-99.5), ``{"center": c, "width": w}`` in
@@ -146,14 +146,15 @@ def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "fi
     of three windows stacks them into the three channels of an [H, W, 3] image (e.g. lung,
     mediastinum, bone), which gives an RGB backbone three views of one CT slice. Colour images
     are only scaled by their bit depth.
-    ``frames`` picks the ``"first"`` or ``"middle"`` frame of a multi-frame object.
+    ``frames`` picks the ``"first"`` or ``"middle"`` frame of a multi-frame object, or ``"all"``
+    frames as an [F, H, W(, 3)] stack (each frame through its own per-frame rescale and window).
 
     Raises ImageReadError (or a subclass) for any file that cannot become an image, and
     ValueError for an invalid ``window`` or ``frames`` argument, which is the caller's mistake.
     """
     windows = _parse_windows(window)
-    if frames not in ("first", "middle"):
-        raise ValueError(f"frames must be 'first' or 'middle', not {frames!r}")
+    if frames not in ("first", "middle", "all"):
+        raise ValueError(f"frames must be 'first', 'middle' or 'all', not {frames!r}")
     ds = _read_dataset(path)
     _require_pixels(ds)
     tsyntax = _transfer_syntax(ds)
@@ -161,28 +162,40 @@ def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "fi
         n_frames = get_nr_frames(ds, warn=False)
     except Exception as exc:
         raise DicomDecodeError(f"invalid NumberOfFrames: {exc}") from exc
-    index = 0 if frames == "first" else n_frames // 2
+    if frames == "all":
+        rendered = [_render_frame(ds, tsyntax, i, window, windows) for i in range(n_frames)]
+        pixels, used = np.stack([p for p, _ in rendered]), rendered[0][1]
+        index = 0
+    else:
+        index = 0 if frames == "first" else n_frames // 2
+        pixels, used = _render_frame(ds, tsyntax, index, window, windows)
+    meta = _safe_meta(ds, tsyntax, n_frames, index)
+    meta["window_center"], meta["window_width"], meta["window_source"] = used
+    return DicomImage(pixels=pixels, meta=meta)
+
+
+def _render_frame(
+    ds: Dataset, tsyntax: UID, index: int, window: Window, windows: list[tuple]
+) -> tuple[np.ndarray, tuple]:
+    """One frame through the display pipeline: modality LUT, window(s), polarity, colour."""
     stored, photometric = _decode(ds, tsyntax, index)
     try:
-        if photometric in ("MONOCHROME1", "MONOCHROME2"):
-            values = _modality(stored, ds, index)
-            _check_hounsfield(ds, window)
-            _check_plausible_ct(ds, stored, values)
-            # _voi works in place, so stacked windows each need their own copy.
-            copy = len(windows) > 1
-            views = [_voi(values.copy() if copy else values, ds, index, *w) for w in windows]
-            pixels, used = views[0] if len(views) == 1 else _stack(views)
-            if photometric == "MONOCHROME1" or _presentation_inverse(ds):
-                np.subtract(1.0, pixels, out=pixels)
-        else:
-            pixels, used = _colour(stored, ds, photometric), (None, None, "none")
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            return _colour(stored, ds, photometric), (None, None, "none")
+        values = _modality(stored, ds, index)
+        _check_hounsfield(ds, window)
+        _check_plausible_ct(ds, stored, values)
+        # _voi works in place, so stacked windows each need their own copy.
+        copy = len(windows) > 1
+        views = [_voi(values.copy() if copy else values, ds, index, *w) for w in windows]
+        pixels, used = views[0] if len(views) == 1 else _stack(views)
+        if photometric == "MONOCHROME1" or _presentation_inverse(ds):
+            np.subtract(1.0, pixels, out=pixels)
+        return pixels, used
     except ImageReadError:
         raise
     except Exception as exc:
         raise DicomDecodeError(f"invalid image attributes ({photometric}): {exc}") from exc
-    meta = _safe_meta(ds, tsyntax, n_frames, index)
-    meta["window_center"], meta["window_width"], meta["window_source"] = used
-    return DicomImage(pixels=pixels, meta=meta)
 
 
 def patient_key(ds_or_path: Dataset | FilePath, salt: str) -> str:
