@@ -34,6 +34,8 @@ _LAZY = {
     "export_model": "medtransfer.export",
     "load_predictor": "medtransfer.predictor",
     "score_folder": "medtransfer.scoring",
+    "inspect_folder": "medtransfer.inspect",
+    "CT_WINDOWS": "medtransfer.io.dicom",
     "run_quickstart": "medtransfer.quickstart",
 }
 
