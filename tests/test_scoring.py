@@ -32,14 +32,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 CORPUS = SHARED / "data" / "dicom" / "corpus"
 BROKEN = SHARED / "data" / "dicom" / "broken"
 CHECK_SCORES = SHARED / "tools" / "check_scores.py"
-# The rest of broken/ decodes: OT-PAL-8-face.dcm once its missing transfer syntax is inferred, and
-# JPEGLossless_1s_1f_i_16_16_bad.dcm to garbage pixels without any error (shared/data/SOURCES.md).
-UNDECODABLE = [
-    "966.dcm",
-    "RG2_JPLY.dcm",
-    "emri_small_jpeg_2k_lossless_too_short.dcm",
-    "not_dicom_jpeg_B1.JPG",
-]
+# Every file of broken/, including the two that pydicom itself would decode: OT-PAL-8-face.dcm
+# (no Transfer Syntax) and JPEGLossless_1s_1f_i_16_16_bad.dcm (garbage Hounsfield values).
+UNDECODABLE = sorted(os.listdir(BROKEN))
 PYDICOM_FILES = ["CT_small.dcm", "MR_truncated.dcm", "no_meta.dcm", "rtplan.dcm"]
 ODD_NAME = 'odd, "quoted"\nname.png'
 
