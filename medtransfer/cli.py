@@ -117,6 +117,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from medtransfer.models.backbones import backbone_table
+
+    print(backbone_table())
+    return EXIT_OK
+
+
 def _add_training_overrides(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("overrides (default: the spec's values)")
     group.add_argument("--backbone", help="backbone name, e.g. resnet50, efficientnetb0")
@@ -189,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--backbone", default=None, help="backbone (default: resnet50)")
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(func=cmd_quickstart)
+
+    backbones = verbs.add_parser(
+        "backbones", help="list the registered backbones: preprocessing, input size, parameters"
+    )
+    backbones.set_defaults(func=cmd_backbones)
     return parser
 
 
