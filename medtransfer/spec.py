@@ -145,12 +145,26 @@ class ModelSpec(_Strict):
         return name
 
 
+class FineTuneSpec(_Strict):
+    """The two-phase schedule used with pretrained weights (ignored for ``weights: none``).
+
+    Phase 1 trains the head for ``head_epochs`` with the backbone frozen; phase 2 unfreezes the
+    top ``unfreeze`` blocks (a count >= 1, or a fraction of the blocks < 1) at the learning rate
+    times ``learning_rate_factor``. BatchNormalization stays in inference mode throughout.
+    """
+
+    head_epochs: Annotated[int, Field(ge=0)] = 3
+    unfreeze: Annotated[float, Field(gt=0)] = 0.25
+    learning_rate_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
 class TrainingSpec(_Strict):
     epochs: Annotated[int, Field(ge=1)] = 10
     batch_size: Annotated[int, Field(ge=1)] = 32
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
     seed: int = 0
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    fine_tune: FineTuneSpec = FineTuneSpec()
 
 
 class Spec(_Strict):
@@ -239,7 +253,15 @@ def _resolve_paths(spec: Spec) -> Spec:
             f"{spec.origin}: data.path: {data_path} must be {kind} for format {spec.data.format!r}"
         )
     weights = spec.model.weights
-    if weights.lower() not in ("imagenet", "none") and not weights.startswith("run:"):
+    if weights.startswith("run:"):
+        run_dir = Path(weights.removeprefix("run:"))
+        run_dir = (run_dir if run_dir.is_absolute() else base / run_dir).resolve()
+        if not (run_dir / "run.json").is_file():
+            raise SpecError(
+                f"{spec.origin}: model.weights: {weights!r} is not a finished medtransfer run"
+            )
+        weights = f"run:{run_dir}"
+    elif weights.lower() not in ("imagenet", "none"):
         weights_path = Path(weights) if Path(weights).is_absolute() else base / weights
         if not weights_path.is_file():
             raise SpecError(

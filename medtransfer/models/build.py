@@ -7,11 +7,17 @@ same graph serves training, evaluation and TF Serving. Binary tasks use a two-cl
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import keras
 
+from medtransfer.errors import RunError, WeightsUnavailableError
 from medtransfer.models.backbones import build_backbone, get_backbone
 from medtransfer.models.layers import BackbonePreprocessing, ChannelAdapter
 from medtransfer.spec import Spec
+
+RUN_WEIGHTS = "run:"
 
 
 def build_model(spec: Spec) -> keras.Model:
@@ -21,7 +27,7 @@ def build_model(spec: Spec) -> keras.Model:
     x = keras.layers.Resizing(height, width, antialias=True, name="resize")(inputs)
     x = ChannelAdapter(3, name="to_rgb")(x)
     x = BackbonePreprocessing(backbone_info.preprocessing, name="backbone_preprocessing")(x)
-    backbone = build_backbone(spec.model.backbone, spec.model.weights, (height, width, 3))
+    backbone = _backbone_with_weights(spec, (height, width, 3))
     backbone.name = "backbone"
     if spec.model.weights == "none":
         _fast_batchnorm_statistics(backbone)
@@ -32,6 +38,39 @@ def build_model(spec: Spec) -> keras.Model:
         len(spec.classes), activation=activation, dtype="float32", name="probabilities"
     )(x)
     return keras.Model(inputs, outputs, name=f"medtransfer_{spec.name}")
+
+
+def _backbone_with_weights(spec: Spec, input_shape: tuple[int, int, int]) -> keras.Model:
+    weights = spec.model.weights
+    if not weights.startswith(RUN_WEIGHTS):
+        return build_backbone(spec.model.backbone, weights, input_shape)
+    return _backbone_from_run(Path(weights.removeprefix(RUN_WEIGHTS)), spec, input_shape)
+
+
+def _backbone_from_run(run_dir: Path, spec: Spec, input_shape: tuple[int, int, int]) -> keras.Model:
+    """Medical-source pretraining: start from the backbone another medtransfer run trained.
+
+    Only the backbone transfers (its head answered another question). Convolutional weights do
+    not depend on the input size, so the source run may have trained at another resolution.
+    """
+    from medtransfer.training.run import open_run
+
+    try:
+        source_run = open_run(run_dir)
+    except RunError as error:
+        raise WeightsUnavailableError(f"model.weights run:{run_dir}: {error}") from None
+    if source_run.info["backbone"] != spec.model.backbone:
+        raise WeightsUnavailableError(
+            f"run {run_dir} trained a {source_run.info['backbone']} backbone; this spec asks "
+            f"for {spec.model.backbone}"
+        )
+    source = source_run.load_model().get_layer("backbone")
+    # Through a weights file rather than set_weights: loading a file is what refreshes derived
+    # state such as EfficientNet's Normalization statistics and its ImageNet stem rescaling.
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "backbone.weights.h5"
+        source.save_weights(path)
+        return build_backbone(spec.model.backbone, str(path), input_shape)
 
 
 def _fast_batchnorm_statistics(backbone: keras.Model, momentum: float = 0.9) -> None:
@@ -47,12 +86,22 @@ def _fast_batchnorm_statistics(backbone: keras.Model, momentum: float = 0.9) -> 
             layer.momentum = momentum
 
 
-def compile_model(model: keras.Model, spec: Spec, steps_per_epoch: int) -> keras.Model:
+def compile_model(
+    model: keras.Model,
+    spec: Spec,
+    steps_per_epoch: int,
+    *,
+    learning_rate: float | None = None,
+    epochs: int | None = None,
+) -> keras.Model:
     """Loss, metrics and optimiser for the task; AUROC is macro over classes (binary: the AUROC).
 
-    The learning rate follows a cosine decay over the whole run: small datasets make the last
-    epochs noisy at a constant rate, and the best-epoch choice then rewards luck.
+    The learning rate follows a cosine decay over ``epochs`` (default: the whole run; a
+    fine-tuning phase passes its own): small datasets make the last epochs noisy at a constant
+    rate, and the best-epoch choice then rewards luck.
     """
+    rate = learning_rate or spec.training.learning_rate
+    decay_epochs = epochs or spec.training.epochs
     loss = (
         keras.losses.BinaryCrossentropy()
         if spec.task == "multilabel"
@@ -65,7 +114,7 @@ def compile_model(model: keras.Model, spec: Spec, steps_per_epoch: int) -> keras
         else keras.metrics.CategoricalAccuracy(name="accuracy"),
     ]
     schedule = keras.optimizers.schedules.CosineDecay(
-        spec.training.learning_rate, decay_steps=spec.training.epochs * steps_per_epoch, alpha=0.01
+        rate, decay_steps=decay_epochs * steps_per_epoch, alpha=0.01
     )
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=metrics)
     return model

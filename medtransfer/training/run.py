@@ -25,6 +25,7 @@ from medtransfer.data.pipeline import load_images, make_dataset
 from medtransfer.errors import RunError
 from medtransfer.models.build import build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
+from medtransfer.training.schedule import plan_phases
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
@@ -114,12 +115,13 @@ def train(
     atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
 
     batch = spec.training.batch_size
-    model = compile_model(build_model(spec), spec, steps_per_epoch=-(-len(train_x) // batch))
+    steps = -(-len(train_x) // batch)
+    model = build_model(spec)
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.ModelCheckpoint(
             out / MODEL_FILE, monitor="val_auc", mode="max", save_best_only=True
         ),
-        keras.callbacks.CSVLogger(out / HISTORY_FILE),
+        keras.callbacks.CSVLogger(out / HISTORY_FILE, append=True),  # one file across phases
     ]
     if spec.training.early_stopping_patience:
         callbacks.append(
@@ -127,15 +129,25 @@ def train(
                 monitor="val_auc", mode="max", patience=spec.training.early_stopping_patience
             )
         )
-    history = model.fit(
-        make_dataset(train_x, train_y, batch_size=batch, shuffle=True, seed=spec.training.seed),
-        validation_data=make_dataset(val_x, val_y, batch_size=batch),
-        epochs=spec.training.epochs,
-        shuffle=False,  # the dataset shuffles itself, seeded
-        callbacks=callbacks,
-        verbose=2,
+    train_data = make_dataset(
+        train_x, train_y, batch_size=batch, shuffle=True, seed=spec.training.seed
     )
-    val_auc = history.history["val_auc"]
+    val_data = make_dataset(val_x, val_y, batch_size=batch)
+    val_auc: list[float] = []
+    phases = plan_phases(spec)
+    for phase in phases:
+        phase.apply(model, spec)
+        compile_model(model, spec, steps, learning_rate=phase.learning_rate, epochs=phase.epochs)
+        history = model.fit(
+            train_data,
+            validation_data=val_data,
+            initial_epoch=len(val_auc),
+            epochs=len(val_auc) + phase.epochs,
+            shuffle=False,  # the dataset shuffles itself, seeded
+            callbacks=callbacks,
+            verbose=2,
+        )
+        val_auc += history.history["val_auc"]
     best = int(np.nanargmax(val_auc))
     info = {
         "name": spec.name,
@@ -146,6 +158,9 @@ def train(
         "backbone": spec.model.backbone,
         "weights": "file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
         "seed": spec.training.seed,
+        "phases": [
+            {"name": p.name, "epochs": p.epochs, "learning_rate": p.learning_rate} for p in phases
+        ],
         "epochs_run": len(val_auc),
         "best_epoch": best + 1,
         "best_val_auroc": float(val_auc[best]),
