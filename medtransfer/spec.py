@@ -164,7 +164,17 @@ class TrainingSpec(_Strict):
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
     seed: int = 0
     early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    class_weight: Literal["none", "balanced"] = "none"
     fine_tune: FineTuneSpec = FineTuneSpec()
+
+    @model_validator(mode="after")
+    def _warmup_leaves_epochs(self) -> TrainingSpec:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs")
+        return self
 
 
 class Spec(_Strict):
@@ -189,6 +199,8 @@ class Spec(_Strict):
             raise ValueError(f"a binary task needs exactly 2 classes, got {len(self.classes)}")
         if self.task == "multiclass" and len(self.classes) < 3:
             raise ValueError("a multiclass task needs at least 3 classes (use task: binary for 2)")
+        if self.task == "multilabel" and self.training.class_weight != "none":
+            raise ValueError("class_weight applies to binary and multiclass tasks only")
         if self.positive_class is not None:
             if self.task != "binary":
                 raise ValueError("positive_class only applies to task: binary")

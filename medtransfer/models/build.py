@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from medtransfer.errors import RunError, WeightsUnavailableError
 from medtransfer.models.backbones import build_backbone, get_backbone
@@ -93,19 +94,23 @@ def compile_model(
     *,
     learning_rate: float | None = None,
     epochs: int | None = None,
+    warmup_epochs: int = 0,
 ) -> keras.Model:
     """Loss, metrics and optimiser for the task; AUROC is macro over classes (binary: the AUROC).
 
-    The learning rate follows a cosine decay over ``epochs`` (default: the whole run; a
-    fine-tuning phase passes its own): small datasets make the last epochs noisy at a constant
-    rate, and the best-epoch choice then rewards luck.
+    AdamW (``weight_decay`` 0 makes it Adam). The learning rate rises linearly over
+    ``warmup_epochs`` and then follows a cosine decay over the rest of ``epochs`` (default: the
+    whole run; a fine-tuning phase passes its own): small datasets make the last epochs noisy
+    at a constant rate, and the best-epoch choice then rewards luck.
     """
-    rate = learning_rate or spec.training.learning_rate
-    decay_epochs = epochs or spec.training.epochs
+    training = spec.training
+    rate = learning_rate or training.learning_rate
+    decay_epochs = (epochs or training.epochs) - warmup_epochs
+    smoothing = training.label_smoothing
     loss = (
-        keras.losses.BinaryCrossentropy()
+        keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
         if spec.task == "multilabel"
-        else keras.losses.CategoricalCrossentropy()
+        else keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
     )
     metrics = [
         keras.metrics.AUC(multi_label=True, num_labels=len(spec.classes), name="auc"),
@@ -114,7 +119,22 @@ def compile_model(
         else keras.metrics.CategoricalAccuracy(name="accuracy"),
     ]
     schedule = keras.optimizers.schedules.CosineDecay(
-        rate, decay_steps=decay_epochs * steps_per_epoch, alpha=0.01
+        0.0 if warmup_epochs else rate,
+        decay_steps=max(decay_epochs, 1) * steps_per_epoch,
+        alpha=0.01,
+        warmup_target=rate if warmup_epochs else None,
+        warmup_steps=warmup_epochs * steps_per_epoch,
     )
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=metrics)
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=training.weight_decay)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     return model
+
+
+def balanced_class_weights(targets: np.ndarray) -> dict[int, float]:
+    """Weights n / (k * n_class) per class index, so each class carries equal total weight.
+
+    A class absent from the training split gets weight 0 (it has no examples to weigh).
+    """
+    counts = targets.sum(axis=0)
+    n, k = float(counts.sum()), len(counts)
+    return {i: (n / (k * c) if c else 0.0) for i, c in enumerate(counts.tolist())}

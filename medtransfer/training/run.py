@@ -23,7 +23,7 @@ from medtransfer import atomic
 from medtransfer.data.manifest import build_manifest, fingerprint, targets
 from medtransfer.data.pipeline import load_images, make_dataset
 from medtransfer.errors import RunError
-from medtransfer.models.build import build_model, compile_model
+from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
 from medtransfer.training.schedule import plan_phases
 
@@ -32,6 +32,7 @@ RUN_FILE = "run.json"
 SPEC_FILE = "spec.yaml"
 MANIFEST_FILE = "manifest.csv"
 HISTORY_FILE = "history.csv"
+LOGS_DIR = "logs"
 EVALUATION_DIR = "evaluation"
 _VERSIONED = ("medtransfer", "tensorflow", "keras", "numpy", "pydicom", "pandas", "scikit-learn")
 
@@ -122,6 +123,7 @@ def train(
             out / MODEL_FILE, monitor="val_auc", mode="max", save_best_only=True
         ),
         keras.callbacks.CSVLogger(out / HISTORY_FILE, append=True),  # one file across phases
+        keras.callbacks.TensorBoard(out / LOGS_DIR),
     ]
     if spec.training.early_stopping_patience:
         callbacks.append(
@@ -135,9 +137,19 @@ def train(
     val_data = make_dataset(val_x, val_y, batch_size=batch)
     val_auc: list[float] = []
     phases = plan_phases(spec)
-    for phase in phases:
+    class_weight = (
+        balanced_class_weights(train_y) if spec.training.class_weight == "balanced" else None
+    )
+    for index, phase in enumerate(phases):
         phase.apply(model, spec)
-        compile_model(model, spec, steps, learning_rate=phase.learning_rate, epochs=phase.epochs)
+        compile_model(
+            model,
+            spec,
+            steps,
+            learning_rate=phase.learning_rate,
+            epochs=phase.epochs,
+            warmup_epochs=min(spec.training.warmup_epochs, phase.epochs - 1) if index == 0 else 0,
+        )
         history = model.fit(
             train_data,
             validation_data=val_data,
@@ -145,6 +157,7 @@ def train(
             epochs=len(val_auc) + phase.epochs,
             shuffle=False,  # the dataset shuffles itself, seeded
             callbacks=callbacks,
+            class_weight=class_weight,
             verbose=2,
         )
         val_auc += history.history["val_auc"]
