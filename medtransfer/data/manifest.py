@@ -144,18 +144,23 @@ def _labels_from_csv(table: pd.DataFrame, spec: Spec) -> np.ndarray:
     return np.eye(k, dtype=np.float32)[indices]
 
 
-def _from_csv(spec: Spec) -> pd.DataFrame:
+def _read_table(spec: Spec, path: Path, field: str, key_column: str) -> pd.DataFrame:
+    """A CSV of the spec, as text, with every column the spec names checked up front."""
     source = spec.data
-    table = pd.read_csv(source.path, dtype=str, keep_default_na=False)
-    wanted = [source.image_column, *source.label_columns]
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    wanted = [key_column, *source.label_columns]
     wanted += [c for c in (source.patient_column, source.site_column, source.split_column) if c]
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         raise _fail(
-            spec,
-            "data",
-            f"column(s) {missing} not in {source.path.name} (it has {list(table.columns)})",
+            spec, field, f"column(s) {missing} not in {path.name} (it has {list(table.columns)})"
         )
+    return table
+
+
+def _from_csv(spec: Spec) -> pd.DataFrame:
+    source = spec.data
+    table = _read_table(spec, source.path, "data", source.image_column)
     if table.empty:
         raise _fail(spec, "data.path", f"{source.path.name} has no rows")
     root = source.path.parent
@@ -213,13 +218,8 @@ def _dicom_headers(root: Path, tags: list[str]) -> pd.DataFrame:
 
 def _from_dicom_folder(spec: Spec) -> pd.DataFrame:
     source = spec.data
-    table = pd.read_csv(source.labels, dtype=str, keep_default_na=False)
     key = source.label_key_column
-    wanted = [key, *source.label_columns]
-    wanted += [c for c in (source.patient_column, source.site_column, source.split_column) if c]
-    missing = [c for c in wanted if c not in table.columns]
-    if missing:
-        raise _fail(spec, "data.labels", f"column(s) {missing} not in {source.labels.name}")
+    table = _read_table(spec, source.labels, "data.labels", key)
     tags = [t for t in ("PatientID", source.site_tag) if t]
     headers = _dicom_headers(source.path, tags)
     by = f"_{source.key}"
