@@ -168,6 +168,8 @@ class TrainingSpec(_Strict):
     warmup_epochs: Annotated[int, Field(ge=0)] = 0
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     class_weight: Literal["none", "balanced"] = "none"
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: Annotated[float, Field(ge=0)] = 2.0
     fine_tune: FineTuneSpec = FineTuneSpec()
 
     @model_validator(mode="after")

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from medtransfer.errors import SpecError
-from medtransfer.models.build import balanced_class_weights, build_model, compile_model
+from medtransfer.models.build import (
+    balanced_class_weights,
+    build_model,
+    compile_model,
+    make_loss,
+)
 from medtransfer.spec import spec_from_dict
 
 from .conftest import SHARED_DATA
@@ -72,3 +77,22 @@ def test_invalid_combinations_are_spec_errors():
 def test_run_directory_has_tensorboard_logs(tiny_run):
     logs = tiny_run / "logs"
     assert any(p.name.startswith("events.out.tfevents") for p in logs.rglob("*"))
+
+
+@pytest.mark.parametrize("task, classes", [("binary", ("a", "b")), ("multilabel", ("a", "b"))])
+def test_focal_loss_with_gamma_zero_is_cross_entropy(task, classes):
+    y = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)[: 2 if task == "binary" else 3]
+    p = np.array([[0.7, 0.3], [0.4, 0.6], [0.8, 0.9]], np.float32)[: len(y)]
+    focal = make_loss(spec_with(task, classes, loss="focal", focal_gamma=0.0))
+    plain = make_loss(spec_with(task, classes))
+    assert float(focal(y, p)) == pytest.approx(float(plain(y, p)), rel=1e-5)
+
+
+def test_focal_loss_down_weights_easy_examples():
+    y = np.array([[1.0, 0.0]], np.float32)
+    easy, hard = np.array([[0.95, 0.05]], np.float32), np.array([[0.3, 0.7]], np.float32)
+    focal = make_loss(spec_with(loss="focal", focal_gamma=2.0))
+    plain = make_loss(spec_with())
+    # (1 - p)^gamma: the easy example keeps 0.05^2 of its loss, the hard one 0.7^2
+    assert float(focal(y, easy)) == pytest.approx(0.05**2 * float(plain(y, easy)), rel=1e-4)
+    assert float(focal(y, hard)) == pytest.approx(0.7**2 * float(plain(y, hard)), rel=1e-4)

@@ -106,18 +106,6 @@ def compile_model(
     training = spec.training
     rate = learning_rate or training.learning_rate
     decay_epochs = (epochs or training.epochs) - warmup_epochs
-    smoothing = training.label_smoothing
-    loss = (
-        keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
-        if spec.task == "multilabel"
-        else keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
-    )
-    metrics = [
-        keras.metrics.AUC(multi_label=True, num_labels=len(spec.classes), name="auc"),
-        keras.metrics.BinaryAccuracy(name="accuracy")
-        if spec.task == "multilabel"
-        else keras.metrics.CategoricalAccuracy(name="accuracy"),
-    ]
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0 if warmup_epochs else rate,
         decay_steps=max(decay_epochs, 1) * steps_per_epoch,
@@ -126,8 +114,38 @@ def compile_model(
         warmup_steps=warmup_epochs * steps_per_epoch,
     )
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=training.weight_decay)
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    model.compile(optimizer=optimizer, loss=make_loss(spec), metrics=make_metrics(spec))
     return model
+
+
+def make_metrics(spec: Spec) -> list[keras.metrics.Metric]:
+    """AUROC (macro over classes, named ``auc``: checkpoints select on ``val_auc``) and accuracy."""
+    accuracy = (
+        keras.metrics.BinaryAccuracy(name="accuracy")
+        if spec.task == "multilabel"
+        else keras.metrics.CategoricalAccuracy(name="accuracy")
+    )
+    return [keras.metrics.AUC(multi_label=True, num_labels=len(spec.classes), name="auc"), accuracy]
+
+
+def make_loss(spec: Spec) -> keras.losses.Loss:
+    """Cross-entropy, or focal loss, which down-weights the easy majority-class examples.
+
+    Focal loss uses ``alpha=1`` so that ``focal_gamma: 0`` is exactly cross-entropy; class
+    balance is ``class_weight``'s job, not a second, scalar re-weighting here.
+    """
+    training = spec.training
+    smoothing, gamma = training.label_smoothing, training.focal_gamma
+    multilabel = spec.task == "multilabel"
+    if training.loss == "focal":
+        if multilabel:
+            return keras.losses.BinaryFocalCrossentropy(gamma=gamma, label_smoothing=smoothing)
+        return keras.losses.CategoricalFocalCrossentropy(
+            alpha=1.0, gamma=gamma, label_smoothing=smoothing
+        )
+    if multilabel:
+        return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
 
 
 def balanced_class_weights(targets: np.ndarray) -> dict[int, float]:
