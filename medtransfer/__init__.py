@@ -23,6 +23,7 @@ _LAZY = {
     "build_manifest": "medtransfer.data.manifest",
     "load_images": "medtransfer.data.pipeline",
     "make_dataset": "medtransfer.data.pipeline",
+    "make_training_dataset": "medtransfer.data.pipeline",
     "BACKBONES": "medtransfer.models.backbones",
     "build_model": "medtransfer.models.build",
     "train": "medtransfer.training.run",

@@ -178,16 +178,38 @@ def _load_file_rows(
         return ShardCache(cache_dir).load(paths, settings, decode)
 
 
-def make_dataset(
+def make_dataset(images: np.ndarray, targets: np.ndarray, *, batch_size: int) -> tf.data.Dataset:
+    """Batched, prefetched, in order: for validation, evaluation and prediction."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, targets))
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def make_training_dataset(
     images: np.ndarray,
     targets: np.ndarray,
     *,
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
+    seed: int,
+    epochs: range,
 ) -> tf.data.Dataset:
-    """A batched, prefetched ``tf.data`` pipeline; shuffling is seeded and differs per epoch."""
-    dataset = tf.data.Dataset.from_tensor_slices((images, targets))
-    if shuffle:
-        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    """The batches of ``epochs``, one after another; fit with ``steps_per_epoch``.
+
+    Each epoch is its own permutation, drawn statelessly from ``(seed, epoch)``.
+    ``Dataset.shuffle`` instead keys its order on how many times this process has iterated
+    it, so a run resumed at epoch k would see a different order from an uninterrupted run.
+    The last batch of an epoch may be short; batches never straddle epochs.
+    """
+    images_t, targets_t = tf.constant(images), tf.constant(targets)
+    count = len(images)
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        keys = tf.random.stateless_uniform([count], seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+        order = tf.argsort(keys)
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
+    gathered = batches.map(
+        lambda index: (tf.gather(images_t, index), tf.gather(targets_t, index)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return gathered.prefetch(tf.data.AUTOTUNE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,10 +22,17 @@ import pandas as pd
 
 from medtransfer import atomic
 from medtransfer.data.manifest import build_manifest, fingerprint, targets
-from medtransfer.data.pipeline import load_images, make_dataset
+from medtransfer.data.pipeline import load_images, make_dataset, make_training_dataset
 from medtransfer.errors import RunError
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
+from medtransfer.training.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    EpochCheckpoint,
+    TrainingState,
+    load_checkpoint,
+)
 from medtransfer.training.schedule import plan_phases
 
 MODEL_FILE = "model.keras"
@@ -80,23 +88,57 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (RUN_FILE, MODEL_FILE, HISTORY_FILE):
+    for stale in (RUN_FILE, MODEL_FILE, HISTORY_FILE, CHECKPOINT_FILE):
         (out / stale).unlink(missing_ok=True)
 
 
+def _resumable(out: Path, spec: Spec | None) -> tuple[Spec, Checkpoint]:
+    """The stored spec and last checkpoint of an unfinished run (``spec``, if given, must match)."""
+    if (out / RUN_FILE).is_file():
+        raise RunError(f"{out} is a finished run: there is nothing to resume")
+    if not (out / SPEC_FILE).is_file():
+        raise RunError(f"{out} is not a medtransfer run directory (no {SPEC_FILE})")
+    stored = load_spec(out / SPEC_FILE)
+    if spec is not None and dump_spec(spec) != dump_spec(stored):
+        raise RunError(
+            f"the spec given differs from the one {out} was started with; resume without a "
+            f"spec (it is read from {out / SPEC_FILE}) or start a new run"
+        )
+    return stored, load_checkpoint(out)
+
+
 def train(
-    spec: Spec, out_dir: str | Path, *, overwrite: bool = False, workers: int | None = None
+    spec: Spec | None,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> Run:
     """Train the spec's model with ``model.fit`` and write a run directory.
 
-    The best epoch by validation AUROC is kept (``model.keras``); ``run.json`` is written last,
-    so a run directory with a ``run.json`` is a finished one.
+    The best epoch by validation AUROC is kept (``model.keras``), the complete training state
+    after every epoch in ``checkpoint.npz``; ``run.json`` is written last, so a run directory
+    with a ``run.json`` is a finished one. ``resume=True`` carries on an unfinished run from its
+    last completed epoch (``spec`` may then be None: the run's own is used) and ends with the
+    same weights an uninterrupted run would have. ``callbacks`` are added to every ``fit``.
     """
     out = Path(out_dir)
-    _prepare_run_dir(out, overwrite)
+    checkpoint: Checkpoint | None = None
+    if resume:
+        spec, checkpoint = _resumable(out, spec)
+    elif spec is None:
+        raise RunError("a spec is needed to start a run")
+    else:
+        _prepare_run_dir(out, overwrite)
     started = time.time()
     keras.utils.set_random_seed(spec.training.seed)
     manifest = build_manifest(spec)
+    data_fingerprint = fingerprint(manifest)
+    state = checkpoint.state if checkpoint else TrainingState(data_fingerprint=data_fingerprint)
+    if state.data_fingerprint != data_fingerprint:
+        raise RunError(f"the data behind {out} changed since the run started; it cannot resume")
 
     def split_data(name: str) -> tuple[np.ndarray, np.ndarray]:
         rows = manifest[manifest["split"] == name]
@@ -112,35 +154,44 @@ def train(
 
     train_x, train_y = split_data("train")
     val_x, val_y = split_data("val")
-    atomic.write_text(out / SPEC_FILE, dump_spec(spec))
-    atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
+    if checkpoint is None:
+        atomic.write_text(out / SPEC_FILE, dump_spec(spec))
+        atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
+    else:
+        _truncate_history(out / HISTORY_FILE, state.epochs)
 
     batch = spec.training.batch_size
     steps = -(-len(train_x) // batch)
     model = build_model(spec)
-    callbacks: list[keras.callbacks.Callback] = [
+    early_stopping = (
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=spec.training.early_stopping_patience
+        )
+        if spec.training.early_stopping_patience
+        else None
+    )
+    standing = [
         keras.callbacks.ModelCheckpoint(
-            out / MODEL_FILE, monitor="val_auc", mode="max", save_best_only=True
+            out / MODEL_FILE,
+            monitor="val_auc",
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=max(state.val_auc, default=None),
         ),
         keras.callbacks.CSVLogger(out / HISTORY_FILE, append=True),  # one file across phases
         keras.callbacks.TensorBoard(out / LOGS_DIR),
+        *([early_stopping] if early_stopping else []),
     ]
-    if spec.training.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_auc", mode="max", patience=spec.training.early_stopping_patience
-            )
-        )
-    train_data = make_dataset(
-        train_x, train_y, batch_size=batch, shuffle=True, seed=spec.training.seed
-    )
     val_data = make_dataset(val_x, val_y, batch_size=batch)
-    val_auc: list[float] = []
     phases = plan_phases(spec)
     class_weight = (
         balanced_class_weights(train_y) if spec.training.class_weight == "balanced" else None
     )
     for index, phase in enumerate(phases):
+        if index < state.phase or (index == state.phase and state.phase_finished):
+            continue  # done before the restart
+        if index > state.phase:
+            state.phase, state.phase_epochs, state.early_stopping = index, 0, {}
         phase.apply(model, spec)
         compile_model(
             model,
@@ -150,17 +201,30 @@ def train(
             epochs=phase.epochs,
             warmup_epochs=min(spec.training.warmup_epochs, phase.epochs - 1) if index == 0 else 0,
         )
-        history = model.fit(
-            train_data,
+        if checkpoint is not None:  # the first phase after a restart
+            checkpoint.restore(model, optimizer=state.phase_epochs > 0)
+            checkpoint = None
+        first, last = state.epochs, state.epochs + phase.epochs - state.phase_epochs
+        seed = spec.training.seed
+        model.fit(
+            make_training_dataset(
+                train_x, train_y, batch_size=batch, seed=seed, epochs=range(first, last)
+            ),
             validation_data=val_data,
-            initial_epoch=len(val_auc),
-            epochs=len(val_auc) + phase.epochs,
-            shuffle=False,  # the dataset shuffles itself, seeded
-            callbacks=callbacks,
+            initial_epoch=first,
+            epochs=last,
+            steps_per_epoch=steps,
+            shuffle=False,  # the dataset orders itself, keyed by (seed, epoch)
+            callbacks=[
+                *standing,
+                EpochCheckpoint(out, state, phase.epochs, early_stopping),
+                *callbacks,
+            ],
             class_weight=class_weight,
             verbose=2,
         )
-        val_auc += history.history["val_auc"]
+        state.phase_finished = True
+    val_auc = state.val_auc
     best = int(np.nanargmax(val_auc))
     info = {
         "name": spec.name,
@@ -178,12 +242,20 @@ def train(
         "best_epoch": best + 1,
         "best_val_auroc": float(val_auc[best]),
         "images": manifest["split"].value_counts().to_dict(),
-        "data_fingerprint": fingerprint(manifest),
+        "data_fingerprint": state.data_fingerprint,
         "train_seconds": round(time.time() - started, 1),
+        "resumed": resume,
         "versions": package_versions(),
     }
     atomic.write_text(out / RUN_FILE, json.dumps(info, indent=2))
     return Run(out, info)
+
+
+def _truncate_history(path: Path, epochs: int) -> None:
+    """Drop history rows of an epoch that ran after the last checkpoint (it will run again)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        atomic.write_text(path, "".join(lines[: 1 + epochs]))
 
 
 def manifest_for_run(manifest: pd.DataFrame) -> pd.DataFrame:
