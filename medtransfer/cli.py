@@ -42,13 +42,40 @@ def _spec_with_overrides(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from medtransfer.training.run import train
 
-    spec = _spec_with_overrides(args)
-    run = train(spec, args.out, overwrite=args.overwrite, workers=args.workers)
+    if not args.resume and not args.spec:
+        raise MedtransferError("--spec is required (or --resume to carry on an unfinished run)")
+    spec = _spec_with_overrides(args) if args.spec else None
+    run = train(spec, args.out, overwrite=args.overwrite, resume=args.resume, workers=args.workers)
     info = run.info
     print(
         f"run written to {run.path}: best validation AUROC {info['best_val_auroc']:.4f} "
         f"at epoch {info['best_epoch']}/{info['epochs_run']} ({info['train_seconds']} s)"
     )
+    return EXIT_OK
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from medtransfer.training.lr_find import lr_find
+
+    result = lr_find(
+        _spec_with_overrides(args),
+        args.out,
+        min_lr=args.min_lr,
+        max_lr=args.max_lr,
+        steps=args.steps,
+        phase=args.phase,
+        workers=args.workers,
+    )
+    print(result.summary())
+    print(f"curve written to {Path(args.out) / 'lr_find.png'} (and lr_find.csv, lr_find.json)")
+    return EXIT_OK
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from medtransfer.models.weights import download_weights
+
+    path = download_weights(args.name, args.out, mirror=args.mirror)
+    print(f"{path} (verified; use it with --weights {path} or model.weights: {path})")
     return EXIT_OK
 
 
@@ -146,12 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = verbs.add_parser("train", help="train a model from a data spec into a run directory")
-    train.add_argument("--spec", required=True, help="data spec YAML")
+    train.add_argument("--spec", help="data spec YAML (with --resume: the run's own)")
     train.add_argument("--out", required=True, help="run directory to create")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    what = train.add_mutually_exclusive_group()
+    what.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    what.add_argument(
+        "--resume", action="store_true", help="carry on a killed run from its last epoch"
+    )
     train.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
     _add_training_overrides(train)
     train.set_defaults(func=cmd_train)
+
+    find = verbs.add_parser(
+        "lr-find", help="learning-rate range test: loss vs rate curve and a suggested rate"
+    )
+    find.add_argument("--spec", required=True, help="data spec YAML")
+    find.add_argument("--out", required=True, help="folder for lr_find.png/.csv/.json")
+    find.add_argument("--min-lr", type=float, default=1e-7)
+    find.add_argument("--max-lr", type=float, default=1.0)
+    find.add_argument("--steps", type=int, default=100, help="batches to run (default 100)")
+    find.add_argument(
+        "--phase",
+        choices=["head", "fine_tune", "full"],
+        help="which training phase to test (default: the spec's first)",
+    )
+    find.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    _add_training_overrides(find)
+    find.set_defaults(func=cmd_lr_find)
 
     evaluate = verbs.add_parser("evaluate", help="evaluate a run or exported model on a split")
     evaluate.add_argument("model", metavar="RUN_DIR", help="run directory or exported model")
@@ -201,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
         "backbones", help="list the registered backbones: preprocessing, input size, parameters"
     )
     backbones.set_defaults(func=cmd_backbones)
+
+    weights = verbs.add_parser("weights", help="ImageNet weights files for air-gapped sites")
+    weights_verbs = weights.add_subparsers(dest="weights_command", required=True, metavar="VERB")
+    download = weights_verbs.add_parser(
+        "download", help="fetch and verify a backbone's ImageNet no-top weights file"
+    )
+    download.add_argument("name", metavar="BACKBONE", help="a registered backbone, e.g. resnet50")
+    download.add_argument("--out", default=".", help="folder to write the .h5 file into")
+    download.add_argument(
+        "--mirror", help="base URL of an internal mirror (default: $MEDTRANSFER_WEIGHTS_MIRROR)"
+    )
+    download.set_defaults(func=cmd_weights_download)
     return parser
 
 

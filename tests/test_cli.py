@@ -5,16 +5,21 @@ checkers; plus exit codes and the promise that patient identifiers never leave t
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 
 from medtransfer.quickstart import write_spec
 from medtransfer.synthetic import generate_dicom_dataset
+from medtransfer.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 from .conftest import SHARED_TOOLS
 
@@ -177,5 +182,59 @@ def test_missing_run_exits_2(tmp_path):
 
 
 def test_every_verb_has_help():
-    for verb in ("train", "evaluate", "export", "score", "quickstart"):
-        assert "usage: medtransfer " + verb in run_cli(verb, "--help").stdout
+    for verb in (
+        "train",
+        "evaluate",
+        "export",
+        "score",
+        "quickstart",
+        "weights download",
+        "lr-find",
+    ):
+        assert "usage: medtransfer " + verb in run_cli(*verb.split(), "--help").stdout
+
+
+def test_weights_download_unreachable_exits_2_in_one_line(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mirror = f"http://127.0.0.1:{port}/"
+    result = run_cli(
+        "weights",
+        "download",
+        "mobilenetv3small",
+        "--out",
+        str(tmp_path),
+        "--mirror",
+        mirror,
+        expect=2,
+    )
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"medtransfer weights: error: cannot download {mirror}weights_mobilenet_v3_small"
+        )
+    )
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_to_the_same_weights(pipeline, tmp_path):
+    """The real thing: SIGKILL after the first epoch's checkpoint, then ``train --resume``."""
+    run_dir = tmp_path / "run"
+    command = [str(CLI), "train", "--spec", str(pipeline["spec"]), "--out", str(run_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (run_dir / CHECKPOINT_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "run.json").exists(), "the run finished before it could be killed"
+    assert load_checkpoint(run_dir).state.epochs == 1
+    run_cli("train", "--resume", "--out", str(run_dir))
+    resumed, whole = load_checkpoint(run_dir), load_checkpoint(pipeline["run"])
+    assert resumed.state.val_auc == whole.state.val_auc
+    for got, want in zip(resumed.model_values, whole.model_values, strict=True):
+        np.testing.assert_array_equal(got, want)
