@@ -39,13 +39,28 @@ def _spec_with_overrides(args: argparse.Namespace):
     )
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from medtransfer.training.run import train
+    from medtransfer.training.seeds import train_seeds
 
     if not args.resume and not args.spec:
         raise MedtransferError("--spec is required (or --resume to carry on an unfinished run)")
+    if args.seeds and args.seed is not None:
+        raise MedtransferError("give either --seed or --seeds, not both")
     spec = _spec_with_overrides(args) if args.spec else None
-    run = train(spec, args.out, overwrite=args.overwrite, resume=args.resume, workers=args.workers)
+    options = {"overwrite": args.overwrite, "resume": args.resume, "workers": args.workers}
+    if args.seeds:
+        print(train_seeds(spec, args.out, args.seeds, **options).summary())
+        return EXIT_OK
+    run = train(spec, args.out, **options)
     info = run.info
     print(
         f"run written to {run.path}: best validation AUROC {info['best_val_auroc']:.4f} "
@@ -83,13 +98,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtransfer.evaluation.report import evaluate
     from medtransfer.spec import load_spec
     from medtransfer.training.run import SPEC_FILE
+    from medtransfer.training.seeds import is_seeds_dir
 
+    options = {"split": args.split, "out_dir": args.out, "workers": args.workers}
+    if is_seeds_dir(args.model):
+        from medtransfer.evaluation.seeds import SUMMARY_FILE, evaluate_seeds
+
+        spec = load_spec(args.spec) if args.spec else None
+        print(evaluate_seeds(args.model, spec, **options).summary())
+        print(f"reports written to {args.out}/seed_*/, the spread to {args.out}/{SUMMARY_FILE}")
+        return EXIT_OK
     spec_path = args.spec or Path(args.model) / SPEC_FILE
     if not Path(spec_path).is_file():
         raise MedtransferError(f"no spec given and {spec_path} does not exist; pass --spec SPEC")
-    result = evaluate(
-        args.model, load_spec(spec_path), split=args.split, out_dir=args.out, workers=args.workers
-    )
+    result = evaluate(args.model, load_spec(spec_path), **options)
     print(result.summary())
     print(f"report written to {result.out_dir} (metrics.json, predictions.csv, roc.png)")
     return EXIT_OK
@@ -180,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--resume", action="store_true", help="carry on a killed run from its last epoch"
     )
+    train.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="0,1,2",
+        help="train once per seed into OUT/seed_N and report mean ± sd",
+    )
     train.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
     _add_training_overrides(train)
     train.set_defaults(func=cmd_train)
@@ -202,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     find.set_defaults(func=cmd_lr_find)
 
     evaluate = verbs.add_parser("evaluate", help="evaluate a run or exported model on a split")
-    evaluate.add_argument("model", metavar="RUN_DIR", help="run directory or exported model")
+    evaluate.add_argument(
+        "model", metavar="RUN_DIR", help="run directory, seeds folder or exported model"
+    )
     evaluate.add_argument("--spec", help="data spec (default: the run's own spec.yaml)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", required=True, help="report directory")
