@@ -24,6 +24,7 @@ from medtransfer.spec import Spec
 
 SPLITS = ("train", "val", "test")
 NPZ_SEPARATOR = "#"
+UNKNOWN_LABELS = ("", "-1")  # multilabel cells that say "not known": NaN targets, masked
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ""}
 
@@ -112,10 +113,16 @@ def _labels_from_csv(table: pd.DataFrame, spec: Spec) -> np.ndarray:
     columns = spec.data.label_columns
     k = len(spec.classes)
     if spec.task == "multilabel" and len(columns) == k:
-        values = table[columns].apply(pd.to_numeric, errors="coerce")
+        cells = table[columns].apply(lambda column: column.str.strip())
+        unknown = cells.isin(UNKNOWN_LABELS)
+        values = cells.mask(unknown, "0").apply(pd.to_numeric, errors="coerce")
         if values.isna().any().any() or not values.isin([0, 1]).all().all():
-            raise _fail(spec, "data.label_columns", "multilabel columns must hold 0 or 1")
-        return values.to_numpy(np.float32)
+            raise _fail(
+                spec,
+                "data.label_columns",
+                "multilabel columns must hold 0, 1, or (unknown) an empty cell or -1",
+            )
+        return values.mask(unknown).to_numpy(np.float32)
     if len(columns) != 1:
         raise _fail(
             spec,
@@ -310,7 +317,7 @@ def _patient_split(df: pd.DataFrame, spec: Spec) -> list[str]:
 
 
 def targets(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """The [N, K] float32 target matrix (one-hot or multi-hot) of a manifest."""
+    """The [N, K] float32 target matrix (one-hot or multi-hot; NaN = unknown) of a manifest."""
     return df[target_columns(classes)].to_numpy(np.float32)
 
 

@@ -7,10 +7,11 @@ from sklearn.metrics import roc_auc_score
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
-    """AUROC, or None when the split holds only one class (the AUROC is then undefined)."""
-    if len(np.unique(y)) < 2:
+    """AUROC over the known labels, or None when they hold only one class (then undefined)."""
+    known = ~np.isnan(y)
+    if len(np.unique(y[known])) < 2:
         return None
-    return float(roc_auc_score(y, p))
+    return float(roc_auc_score(y[known], p[known]))
 
 
 def compute_metrics(
@@ -24,7 +25,8 @@ def compute_metrics(
 
     ``y_true`` is the [N, K] one-hot (or multi-hot) target matrix, ``probabilities`` the model's
     [N, K] output. For a binary task the headline AUROC is the positive class's; for the others
-    it is the unweighted mean over classes whose AUROC is defined.
+    it is the unweighted mean over classes whose AUROC is defined. Unknown multilabel labels
+    (NaN) are left out of every figure, label by label.
     """
     y = np.asarray(y_true, dtype=np.float32)
     p = np.asarray(probabilities, dtype=np.float64)
@@ -40,7 +42,7 @@ def compute_metrics(
         defined = [v for v in per_class.values() if v is not None]
         macro = float(np.mean(defined)) if defined else None
         accuracy = (
-            float(np.mean((p >= 0.5) == (y >= 0.5)))
+            float(np.mean(((p >= 0.5) == (y >= 0.5))[~np.isnan(y)]))
             if task == "multilabel"
             else float(np.mean(np.argmax(p, 1) == np.argmax(y, 1)))
         )
@@ -49,7 +51,8 @@ def compute_metrics(
         "classes": list(classes),
         "positive_class": positive_class if task == "binary" else None,
         "n_images": len(y),
-        "prevalence": {name: float(y[:, k].mean()) for k, name in enumerate(classes)},
+        "prevalence": {name: float(np.nanmean(y[:, k])) for k, name in enumerate(classes)},
+        "unknown_labels": {name: int(np.isnan(y[:, k]).sum()) for k, name in enumerate(classes)},
         "auroc": {"macro": macro, "per_class": per_class},
         "accuracy": accuracy,
         "accuracy_definition": (

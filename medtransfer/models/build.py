@@ -16,6 +16,7 @@ import numpy as np
 from medtransfer.errors import RunError, WeightsUnavailableError
 from medtransfer.models.backbones import build_backbone, get_backbone
 from medtransfer.models.layers import BackbonePreprocessing, ChannelAdapter
+from medtransfer.models.losses import MaskedAUC, MaskedBinaryAccuracy, MaskedMultilabelLoss
 from medtransfer.spec import Spec
 
 RUN_WEIGHTS = "run:"
@@ -95,6 +96,7 @@ def compile_model(
     learning_rate: float | None = None,
     epochs: int | None = None,
     warmup_epochs: int = 0,
+    jit_compile: bool | str = "auto",
 ) -> keras.Model:
     """Loss, metrics and optimiser for the task; AUROC is macro over classes (binary: the AUROC).
 
@@ -114,37 +116,46 @@ def compile_model(
         warmup_steps=warmup_epochs * steps_per_epoch,
     )
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=training.weight_decay)
-    model.compile(optimizer=optimizer, loss=make_loss(spec), metrics=make_metrics(spec))
+    model.compile(
+        optimizer=optimizer,
+        loss=make_loss(spec),
+        metrics=make_metrics(spec),
+        jit_compile=jit_compile,
+    )
     return model
 
 
 def make_metrics(spec: Spec) -> list[keras.metrics.Metric]:
-    """AUROC (macro over classes, named ``auc``: checkpoints select on ``val_auc``) and accuracy."""
-    accuracy = (
-        keras.metrics.BinaryAccuracy(name="accuracy")
-        if spec.task == "multilabel"
-        else keras.metrics.CategoricalAccuracy(name="accuracy")
-    )
-    return [keras.metrics.AUC(multi_label=True, num_labels=len(spec.classes), name="auc"), accuracy]
+    """AUROC (macro over classes, named ``auc``: checkpoints select on ``val_auc``) and accuracy.
+
+    Multilabel metrics skip unknown labels (see ``medtransfer.models.losses``).
+    """
+    if spec.task == "multilabel":
+        k = len(spec.classes)
+        return [MaskedAUC(multi_label=True, num_labels=k, name="auc"), MaskedBinaryAccuracy()]
+    return [
+        keras.metrics.AUC(multi_label=True, num_labels=len(spec.classes), name="auc"),
+        keras.metrics.CategoricalAccuracy(name="accuracy"),
+    ]
 
 
 def make_loss(spec: Spec) -> keras.losses.Loss:
     """Cross-entropy, or focal loss, which down-weights the easy majority-class examples.
 
     Focal loss uses ``alpha=1`` so that ``focal_gamma: 0`` is exactly cross-entropy; class
-    balance is ``class_weight``'s job, not a second, scalar re-weighting here.
+    balance is ``class_weight``'s job, not a second, scalar re-weighting here. Multilabel
+    losses skip unknown labels.
     """
     training = spec.training
-    smoothing, gamma = training.label_smoothing, training.focal_gamma
-    multilabel = spec.task == "multilabel"
-    if training.loss == "focal":
-        if multilabel:
-            return keras.losses.BinaryFocalCrossentropy(gamma=gamma, label_smoothing=smoothing)
+    smoothing = training.label_smoothing
+    focal = training.loss == "focal"
+    gamma = training.focal_gamma if focal else 0.0
+    if spec.task == "multilabel":
+        return MaskedMultilabelLoss(gamma=gamma, label_smoothing=smoothing)
+    if focal:
         return keras.losses.CategoricalFocalCrossentropy(
             alpha=1.0, gamma=gamma, label_smoothing=smoothing
         )
-    if multilabel:
-        return keras.losses.BinaryCrossentropy(label_smoothing=smoothing)
     return keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,13 @@ from medtransfer.training.checkpoint import (
     TrainingState,
     load_checkpoint,
 )
-from medtransfer.training.schedule import plan_phases
+from medtransfer.training.devices import (
+    ExecutionPlan,
+    apply_precision,
+    make_strategy,
+    plan_execution,
+)
+from medtransfer.training.schedule import Phase, plan_phases
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
@@ -61,7 +68,8 @@ class Run:
         return list(self.info["classes"])
 
     def load_model(self) -> keras.Model:
-        import medtransfer.models.layers  # noqa: F401  (registers the custom layers)
+        import medtransfer.models.layers
+        import medtransfer.models.losses  # noqa: F401  losses and metrics)
 
         return keras.saving.load_model(self.path / MODEL_FILE, safe_mode=True)
 
@@ -125,6 +133,11 @@ def train(
     same weights an uninterrupted run would have. ``callbacks`` are added to every ``fit``.
     """
     out = Path(out_dir)
+    plan = plan_execution()
+    strategy = make_strategy(plan)
+    apply_precision(plan)
+    if not plan.is_chief:  # in a multi-worker cluster only the chief writes the run
+        out = Path(tempfile.mkdtemp(prefix="medtransfer-worker-"))
     checkpoint: Checkpoint | None = None
     if resume:
         spec, checkpoint = _resumable(out, spec)
@@ -160,6 +173,50 @@ def train(
     else:
         _truncate_history(out / HISTORY_FILE, state.epochs)
 
+    with strategy.scope():  # model and optimizer variables live on the strategy's devices
+        phases = _fit_phases(
+            spec, out, state, checkpoint, (train_x, train_y), (val_x, val_y), callbacks, plan
+        )
+    val_auc = state.val_auc
+    best = int(np.nanargmax(val_auc))
+    info = {
+        "name": spec.name,
+        "task": spec.task,
+        "classes": list(spec.classes),
+        "positive_class": spec.positive if spec.task == "binary" else None,
+        "image": spec.image.model_dump(mode="json"),
+        "backbone": spec.model.backbone,
+        "weights": "file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
+        "seed": spec.training.seed,
+        "phases": [
+            {"name": p.name, "epochs": p.epochs, "learning_rate": p.learning_rate} for p in phases
+        ],
+        "epochs_run": len(val_auc),
+        "best_epoch": best + 1,
+        "best_val_auroc": float(val_auc[best]),
+        "images": manifest["split"].value_counts().to_dict(),
+        "data_fingerprint": state.data_fingerprint,
+        "train_seconds": round(time.time() - started, 1),
+        "resumed": resume,
+        "execution": plan.describe(),
+        "versions": package_versions(),
+    }
+    atomic.write_text(out / RUN_FILE, json.dumps(info, indent=2))
+    return Run(out, info)
+
+
+def _fit_phases(
+    spec: Spec,
+    out: Path,
+    state: TrainingState,
+    checkpoint: Checkpoint | None,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+    callbacks: Sequence[keras.callbacks.Callback],
+    plan: ExecutionPlan,
+) -> list[Phase]:
+    """Build the model and run the phases still to run, one ``model.fit`` each."""
+    (train_x, train_y), (val_x, val_y) = train_xy, val_xy
     batch = spec.training.batch_size
     steps = -(-len(train_x) // batch)
     model = build_model(spec)
@@ -200,6 +257,7 @@ def train(
             learning_rate=phase.learning_rate,
             epochs=phase.epochs,
             warmup_epochs=min(spec.training.warmup_epochs, phase.epochs - 1) if index == 0 else 0,
+            jit_compile=plan.jit_compile,
         )
         if checkpoint is not None:  # the first phase after a restart
             checkpoint.restore(model, optimizer=state.phase_epochs > 0)
@@ -224,31 +282,7 @@ def train(
             verbose=2,
         )
         state.phase_finished = True
-    val_auc = state.val_auc
-    best = int(np.nanargmax(val_auc))
-    info = {
-        "name": spec.name,
-        "task": spec.task,
-        "classes": list(spec.classes),
-        "positive_class": spec.positive if spec.task == "binary" else None,
-        "image": spec.image.model_dump(mode="json"),
-        "backbone": spec.model.backbone,
-        "weights": "file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
-        "seed": spec.training.seed,
-        "phases": [
-            {"name": p.name, "epochs": p.epochs, "learning_rate": p.learning_rate} for p in phases
-        ],
-        "epochs_run": len(val_auc),
-        "best_epoch": best + 1,
-        "best_val_auroc": float(val_auc[best]),
-        "images": manifest["split"].value_counts().to_dict(),
-        "data_fingerprint": state.data_fingerprint,
-        "train_seconds": round(time.time() - started, 1),
-        "resumed": resume,
-        "versions": package_versions(),
-    }
-    atomic.write_text(out / RUN_FILE, json.dumps(info, indent=2))
-    return Run(out, info)
+    return phases
 
 
 def _truncate_history(path: Path, epochs: int) -> None:
