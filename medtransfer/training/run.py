@@ -264,23 +264,27 @@ def _fit_phases(
             checkpoint = None
         first, last = state.epochs, state.epochs + phase.epochs - state.phase_epochs
         seed = spec.training.seed
-        model.fit(
-            make_training_dataset(
-                train_x, train_y, batch_size=batch, seed=seed, epochs=range(first, last)
-            ),
-            validation_data=val_data,
-            initial_epoch=first,
-            epochs=last,
-            steps_per_epoch=steps,
-            shuffle=False,  # the dataset orders itself, keyed by (seed, epoch)
-            callbacks=[
-                *standing,
-                EpochCheckpoint(out, state, phase.epochs, early_stopping),
-                *callbacks,
-            ],
-            class_weight=class_weight,
-            verbose=2,
-        )
+        saver = EpochCheckpoint(out, state, phase.epochs, early_stopping)
+        try:
+            model.fit(
+                make_training_dataset(
+                    train_x, train_y, batch_size=batch, seed=seed, epochs=range(first, last)
+                ),
+                validation_data=val_data,
+                initial_epoch=first,
+                epochs=last,
+                steps_per_epoch=steps,
+                shuffle=False,  # the dataset orders itself, keyed by (seed, epoch)
+                callbacks=[
+                    *standing,
+                    saver,
+                    *callbacks,
+                ],
+                class_weight=class_weight,
+                verbose=2,
+            )
+        finally:
+            saver.close()
         state.phase_finished = True
     return phases
 
