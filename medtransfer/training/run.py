@@ -145,7 +145,7 @@ def train(
         raise RunError("a spec is needed to start a run")
     else:
         _prepare_run_dir(out, overwrite)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     keras.utils.set_random_seed(spec.training.seed)
     manifest = build_manifest(spec)
     data_fingerprint = fingerprint(manifest)
@@ -197,6 +197,8 @@ def train(
         "images": manifest["split"].value_counts().to_dict(),
         "data_fingerprint": state.data_fingerprint,
         "train_seconds": round(time.time() - started, 1),
+        # this process's CPU time, all threads (decode worker processes not included)
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "resumed": resume,
         "execution": plan.describe(),
         "versions": package_versions(),

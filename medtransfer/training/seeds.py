@@ -43,6 +43,7 @@ class SeedRuns:
             "runs": [run.path.name for run in self.runs],
             "best_val_auroc": spread([run.info["best_val_auroc"] for run in self.runs]),
             "train_seconds": spread([run.info["train_seconds"] for run in self.runs]),
+            "cpu_seconds": spread([run.info.get("cpu_seconds", float("nan")) for run in self.runs]),
         }
 
     def summary(self) -> str:
