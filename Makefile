@@ -28,6 +28,7 @@ bench: venv
 	$(BIN)/python benchmarks/decode_throughput.py
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/scoring_throughput.py
+	$(BIN)/python benchmarks/training_overhead.py
 
 lint: venv
 	$(BIN)/ruff check medtransfer tests benchmarks
