@@ -32,8 +32,8 @@ def main() -> None:
 
     import keras
 
-    from medtransfer.data.manifest import build_manifest, targets
-    from medtransfer.data.pipeline import load_images
+    from medtransfer.data.manifest import build_manifest
+    from medtransfer.data.pipeline import load_split
     from medtransfer.models.build import build_model, compile_model
     from medtransfer.spec import load_spec
     from medtransfer.training.run import train
@@ -41,14 +41,8 @@ def main() -> None:
     spec = load_spec(args.spec).with_overrides(training={"epochs": args.epochs})
     manifest = build_manifest(spec)
 
-    def split(name: str):
-        rows = manifest[manifest["split"] == name]
-        size, channels = spec.image.size, spec.image.channels
-        return load_images(rows, size, channels, window=spec.image.window_policy, workers=0), (
-            targets(rows, spec.classes)
-        )
-
-    (train_x, train_y), val = split("train"), split("val")
+    train_x, train_y = load_split(spec, manifest, "train", workers=0)
+    val = load_split(spec, manifest, "val", workers=0)
     steps = -(-len(train_x) // spec.training.batch_size)
 
     class EpochTimes(keras.callbacks.Callback):

@@ -15,14 +15,19 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
 from medtransfer.data.cache import CacheSettings, ShardCache, UnreadableImages, decode_file
-from medtransfer.data.manifest import NPZ_SEPARATOR
+from medtransfer.data.manifest import NPZ_SEPARATOR, targets
+from medtransfer.errors import DataError
 from medtransfer.io import ImageReadError
+
+if TYPE_CHECKING:
+    from medtransfer.spec import Spec
 
 _RESIZE_CHUNK = 32  # decoded full-size images held at once while a shard is resized
 
@@ -158,6 +163,24 @@ def load_images(
     out[list(decoded)] = to_model_input(list(decoded.values()), size, channels)
     out[files] = file_images
     return out
+
+
+def load_split(
+    spec: Spec, manifest: pd.DataFrame, split: str, *, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split of a manifest as the spec's model sees it: images and [N, K] targets."""
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        raise DataError(f"{spec.origin}: no images in the {split} split")
+    images = load_images(
+        rows,
+        spec.image.size,
+        spec.image.channels,
+        window=spec.image.window_policy,
+        frames=spec.image.frames,
+        workers=workers,
+    )
+    return images, targets(rows, spec.classes)
 
 
 def _load_file_rows(

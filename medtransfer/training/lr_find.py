@@ -30,9 +30,9 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 
 from medtransfer import atomic
-from medtransfer.data.manifest import build_manifest, targets
-from medtransfer.data.pipeline import load_images
-from medtransfer.errors import DataError, MedtransferError
+from medtransfer.data.manifest import build_manifest
+from medtransfer.data.pipeline import load_split
+from medtransfer.errors import MedtransferError
 from medtransfer.models.build import balanced_class_weights, build_model, make_loss
 from medtransfer.spec import Spec
 from medtransfer.training.schedule import Phase, plan_phases
@@ -245,22 +245,6 @@ def _select_phase(spec: Spec, name: str | None) -> Phase:
     )
 
 
-def _training_split(spec: Spec, workers: int | None) -> tuple[np.ndarray, np.ndarray]:
-    manifest = build_manifest(spec)
-    rows = manifest[manifest["split"] == "train"]
-    if rows.empty:
-        raise DataError(f"{spec.origin}: no images in the training split")
-    images = load_images(
-        rows,
-        spec.image.size,
-        spec.image.channels,
-        window=spec.image.window_policy,
-        frames=spec.image.frames,
-        workers=workers,
-    )
-    return images, targets(rows, spec.classes)
-
-
 def lr_find(
     spec: Spec,
     out_dir: str | Path | None = None,
@@ -289,7 +273,7 @@ def lr_find(
     _check_range(min_lr, max_lr, steps)
     chosen = _select_phase(spec, phase)
     keras.utils.set_random_seed(spec.training.seed)
-    images, labels = _training_split(spec, workers)
+    images, labels = load_split(spec, build_manifest(spec), "train", workers=workers)
 
     model = build_model(spec)
     chosen.apply(model, spec)

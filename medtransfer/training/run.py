@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from medtransfer import atomic
-from medtransfer.data.manifest import build_manifest, fingerprint, targets
-from medtransfer.data.pipeline import load_images, make_dataset, make_training_dataset
+from medtransfer.data.manifest import build_manifest, fingerprint
+from medtransfer.data.pipeline import load_split, make_dataset, make_training_dataset
 from medtransfer.errors import RunError
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
@@ -153,20 +153,8 @@ def train(
     if state.data_fingerprint != data_fingerprint:
         raise RunError(f"the data behind {out} changed since the run started; it cannot resume")
 
-    def split_data(name: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = manifest[manifest["split"] == name]
-        images = load_images(
-            rows,
-            spec.image.size,
-            spec.image.channels,
-            window=spec.image.window_policy,
-            frames=spec.image.frames,
-            workers=workers,
-        )
-        return images, targets(rows, spec.classes)
-
-    train_x, train_y = split_data("train")
-    val_x, val_y = split_data("val")
+    train_x, train_y = load_split(spec, manifest, "train", workers=workers)
+    val_x, val_y = load_split(spec, manifest, "val", workers=workers)
     if checkpoint is None:
         atomic.write_text(out / SPEC_FILE, dump_spec(spec))
         atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
