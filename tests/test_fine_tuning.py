@@ -44,7 +44,8 @@ def test_phase_plan(tmp_path):
     assert [(p.name, p.epochs) for p in phases] == [("head", 3), ("fine_tune", 4)]
     assert phases[1].learning_rate == pytest.approx(0.001)
     short = spec_for(data, str(weights), epochs=2, fine_tune={"head_epochs": 5})
-    assert [(p.name, p.epochs) for p in plan_phases(short)] == [("head", 2)]
+    with pytest.warns(UserWarning, match="stays frozen throughout"):
+        assert [(p.name, p.epochs) for p in plan_phases(short)] == [("head", 2)]
 
 
 def moved_layers(source: keras.Model, target: keras.Model) -> set[str]:

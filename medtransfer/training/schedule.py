@@ -9,6 +9,7 @@ trained from random initialisation has nothing to protect and trains whole in on
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import keras
@@ -43,6 +44,13 @@ def plan_phases(spec: Spec) -> list[Phase]:
     if spec.model.weights.lower() == "none":
         return [Phase("full", total, rate)]
     tune = spec.training.fine_tune
+    if 0 < total <= tune.head_epochs:
+        warnings.warn(
+            f"training.epochs ({total}) <= fine_tune.head_epochs ({tune.head_epochs}): the "
+            "pretrained backbone stays frozen throughout (a linear probe); raise epochs above "
+            "head_epochs to fine-tune it",
+            stacklevel=2,
+        )
     head = min(tune.head_epochs, total)
     phases = [Phase("head", head, rate)] if head else []
     if total > head:
