@@ -188,7 +188,7 @@ class LrRangeTest(keras.callbacks.Callback):
         self.losses: list[float] = []
         self.smoothed_losses: list[float] = []
         self.diverged = False
-        self._average, self._best = 0.0, math.inf
+        self._best = math.inf
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         step = len(self.losses)
@@ -203,11 +203,9 @@ class LrRangeTest(keras.callbacks.Callback):
         step = len(self.losses)
         if step >= len(self.schedule):
             return
-        loss = float((logs or {})["loss"])
-        self._average = self.beta * self._average + (1 - self.beta) * loss
-        smoothed = self._average / (1 - self.beta ** (step + 1))
         self.learning_rates.append(self.schedule[step])
-        self.losses.append(loss)
+        self.losses.append(float((logs or {})["loss"]))
+        smoothed = smooth_losses(self.losses, self.beta)[-1]  # ~100 points: recomputing is free
         self.smoothed_losses.append(smoothed)
         if not math.isfinite(smoothed) or smoothed > self.divergence_factor * self._best:
             self.diverged = True
