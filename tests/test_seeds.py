@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from medtransfer.cli import main
@@ -22,6 +23,7 @@ def test_spread_is_mean_and_sample_sd():
     assert stats["mean"] == pytest.approx(0.9)
     assert stats["sd"] == pytest.approx(0.1)  # n - 1 in the denominator
     assert spread([0.7])["sd"] == 0.0
+    assert np.isnan(spread([0.7, float("nan")])["mean"])  # a missing figure shows, not crashes
     assert format_spread(stats) == "0.9000 ± 0.1000 (n=3)"
 
 

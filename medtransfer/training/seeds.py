@@ -6,11 +6,12 @@ holds one ordinary run directory per seed (``seed_<N>``) and ``seeds.json`` with
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medtransfer import atomic
 from medtransfer.errors import RunError
@@ -23,8 +24,8 @@ SEEDS_FILE = "seeds.json"
 def spread(values: Sequence[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (n - 1; 0 for a single value) with the values."""
     values = [float(v) for v in values]
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"values": values, "mean": statistics.fmean(values), "sd": sd}
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"values": values, "mean": float(np.mean(values)), "sd": sd}
 
 
 def format_spread(stats: dict[str, Any], digits: int = 4) -> str:
@@ -38,13 +39,15 @@ class SeedRuns:
 
     @property
     def info(self) -> dict[str, Any]:
-        return {
+        info = {
             "seeds": [run.info["seed"] for run in self.runs],
             "runs": [run.path.name for run in self.runs],
             "best_val_auroc": spread([run.info["best_val_auroc"] for run in self.runs]),
             "train_seconds": spread([run.info["train_seconds"] for run in self.runs]),
-            "cpu_seconds": spread([run.info.get("cpu_seconds", float("nan")) for run in self.runs]),
         }
+        if all("cpu_seconds" in run.info for run in self.runs):  # older runs did not record it
+            info["cpu_seconds"] = spread([run.info["cpu_seconds"] for run in self.runs])
+        return info
 
     def summary(self) -> str:
         info = self.info
