@@ -125,7 +125,7 @@ def test_offline_imagenet_fails_fast_and_explains_the_local_file_route(tmp_path,
         build_backbone("resnet50", "imagenet", (32, 32, 3))
     message = str(info.value)
     assert "ResNet50" in message and "offline" in message
-    assert "include_top=False" in message and "--weights PATH" in message
+    assert "medtransfer weights download resnet50" in message and "--weights PATH" in message
 
 
 def test_registry_has_the_promised_backbones():

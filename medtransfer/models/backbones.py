@@ -125,11 +125,10 @@ def _offline_message(backbone: Backbone, cause: BaseException) -> str:
     return (
         f"cannot download ImageNet weights for {backbone.constructor} ({cause}). "
         "This machine looks offline. On a connected machine run\n"
-        f'  python -c "import keras; keras.applications.{backbone.constructor}'
-        "(weights='imagenet', include_top=False)\"\n"
-        "then copy the *_notop.h5 file it saved under ~/.keras/models/ to this machine and pass "
-        "it as model.weights in the spec (or --weights PATH), or use weights 'none' to train "
-        "from random initialisation."
+        f"  medtransfer weights download {backbone.name} --out weights/\n"
+        "(it checks the file's hash and that it loads), copy the *_notop.h5 file to this "
+        "machine and pass it as model.weights in the spec (or --weights PATH), or use weights "
+        "'none' to train from random initialisation."
     )
 
 
