@@ -7,9 +7,11 @@ import json
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from medtransfer.errors import SpecError, WeightsUnavailableError
+from medtransfer.evaluation.plots import history_figure
 from medtransfer.models.backbones import backbone_blocks, build_backbone
 from medtransfer.models.build import build_model, compile_model
 from medtransfer.spec import spec_from_dict
@@ -111,9 +113,15 @@ def test_train_runs_the_phases_and_records_them(pretrained_setup):
     root, _, spec = pretrained_setup
     run = train(spec, root / "run", workers=0)
     assert [p["name"] for p in run.info["phases"]] == ["head", "fine_tune"]
+    assert [(p["first_epoch"], p["epochs_run"]) for p in run.info["phases"]] == [(1, 1), (2, 1)]
     assert json.loads((run.path / "run.json").read_text())["epochs_run"] == 2
-    history = (run.path / "history.csv").read_text().strip().splitlines()
-    assert len(history) == 3  # header + one row per epoch, across both phases
+    figure = history_figure(
+        pd.read_csv(run.path / "history.csv").to_dict("list"), run.info["phases"]
+    )
+    boundaries = [line.get_xdata()[0] for line in figure.axes[0].lines[2:]]
+    assert boundaries == [1.5]  # between epoch 1 (head) and epoch 2 (fine_tune)
+    lines = (run.path / "history.csv").read_text().strip().splitlines()
+    assert len(lines) == 3  # header + one row per epoch, across both phases
 
 
 def test_medical_source_pretraining_starts_from_another_runs_backbone(tiny_run, tmp_path):

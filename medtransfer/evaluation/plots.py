@@ -43,8 +43,12 @@ def roc_figure(
     return fig
 
 
-def history_figure(history: dict[str, list[float]]) -> Figure:
-    """Loss and AUROC per epoch, training vs validation."""
+def history_figure(history: dict[str, list[float]], phases: list[dict] | None = None) -> Figure:
+    """Loss and AUROC per epoch, training vs validation.
+
+    ``phases`` (a run's ``run.info["phases"]``) marks where each fine-tuning phase began: a jump
+    in the curves there is the backbone being unfrozen, not instability.
+    """
     fig = Figure(figsize=(9, 3.5), dpi=110)
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "auc"), strict=True):
@@ -53,7 +57,20 @@ def history_figure(history: dict[str, list[float]]) -> Figure:
             if values is not None:
                 epochs = np.arange(1, len(values) + 1)
                 ax.plot(epochs, values, style, label=(prefix or "train_") + metric)
+        for phase in (phases or [])[1:]:
+            boundary = phase["first_epoch"] - 0.5
+            ax.axvline(boundary, color="grey", ls=":", lw=1.5)
+            ax.text(
+                boundary,
+                0.98,
+                f" {phase['name']}",
+                transform=ax.get_xaxis_transform(),
+                fontsize=8,
+                va="top",
+                color="grey",
+            )
         ax.set(xlabel="epoch", title="AUROC" if metric == "auc" else "loss")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

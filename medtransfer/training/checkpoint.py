@@ -37,6 +37,7 @@ class TrainingState:
     phase_epochs: int = 0  # epochs completed in that phase
     phase_finished: bool = False  # its epochs ran out, or early stopping ended it
     val_auc: list[float] = field(default_factory=list)  # one per completed epoch, all phases
+    phase_starts: list[int] = field(default_factory=list)  # 0-based first epoch of each phase
     early_stopping: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
 

@@ -177,7 +177,16 @@ def train(
         "weights": "file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
         "seed": spec.training.seed,
         "phases": [
-            {"name": p.name, "epochs": p.epochs, "learning_rate": p.learning_rate} for p in phases
+            {
+                "name": phase.name,
+                "epochs": phase.epochs,  # planned; early stopping can end a phase sooner
+                "learning_rate": phase.learning_rate,
+                "first_epoch": start + 1,  # 1-based, as in history.csv's epoch + 1
+                "epochs_run": end - start,
+            }
+            for phase, start, end in zip(
+                phases, state.phase_starts, [*state.phase_starts[1:], len(val_auc)], strict=True
+            )
         ],
         "epochs_run": len(val_auc),
         "best_epoch": best + 1,
@@ -253,6 +262,8 @@ def _fit_phases(
             checkpoint.restore(model, optimizer=state.phase_epochs > 0)
             checkpoint = None
         first, last = state.epochs, state.epochs + phase.epochs - state.phase_epochs
+        if len(state.phase_starts) == index:  # this phase starts now (not resumed mid-way)
+            state.phase_starts.append(first)
         seed = spec.training.seed
         saver = EpochCheckpoint(out, state, phase.epochs, early_stopping)
         try:
