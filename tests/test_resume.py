@@ -3,8 +3,6 @@ uninterrupted run with the same seed (CPU)."""
 
 from __future__ import annotations
 
-import re
-
 import keras
 import numpy as np
 import pandas as pd
@@ -13,7 +11,7 @@ import pytest
 from medtransfer.errors import RunError
 from medtransfer.models.backbones import build_backbone
 from medtransfer.spec import dump_spec, spec_from_dict
-from medtransfer.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from medtransfer.training.checkpoint import load_checkpoint
 from medtransfer.training.run import HISTORY_FILE, RUN_FILE, SPEC_FILE, train
 
 from .conftest import make_png_folders
@@ -126,7 +124,7 @@ def test_early_stopping_counters_survive_a_restart(make_spec, tmp_path):
     assert_same_run(resumed, reference)
 
 
-def test_resume_refuses_finished_runs_changed_specs_and_missing_checkpoints(two_phase, tmp_path):
+def test_resume_refuses_finished_runs_changed_specs_and_non_runs(two_phase, tmp_path):
     spec, finished = two_phase
     with pytest.raises(RunError, match="finished run"):
         train(None, finished.path, resume=True)
@@ -137,5 +135,15 @@ def test_resume_refuses_finished_runs_changed_specs_and_missing_checkpoints(two_
     (started / SPEC_FILE).write_text(dump_spec(spec))
     with pytest.raises(RunError, match="differs from the one"):
         train(spec.with_overrides(training={"learning_rate": 0.5}), started, resume=True)
-    with pytest.raises(RunError, match=re.escape(f"no {CHECKPOINT_FILE}: nothing to resume")):
-        train(spec, started, resume=True)
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_again(make_spec, tmp_path):
+    spec = make_spec(epochs=1)
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / SPEC_FILE).write_text(dump_spec(spec))
+    (started / HISTORY_FILE).write_text("epoch,half a row")
+    run = train(None, started, resume=True, workers=0)
+    assert run.info["epochs_run"] == 1
+    assert pd.read_csv(started / HISTORY_FILE)["epoch"].tolist() == [0]

@@ -100,8 +100,11 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
         (out / stale).unlink(missing_ok=True)
 
 
-def _resumable(out: Path, spec: Spec | None) -> tuple[Spec, Checkpoint]:
-    """The stored spec and last checkpoint of an unfinished run (``spec``, if given, must match)."""
+def _resumable(out: Path, spec: Spec | None) -> tuple[Spec, Checkpoint | None]:
+    """The stored spec and last checkpoint of an unfinished run (``spec``, if given, must match).
+
+    A run killed before its first epoch ended has no checkpoint: it starts again from scratch.
+    """
     if (out / RUN_FILE).is_file():
         raise RunError(f"{out} is a finished run: there is nothing to resume")
     if not (out / SPEC_FILE).is_file():
@@ -112,6 +115,9 @@ def _resumable(out: Path, spec: Spec | None) -> tuple[Spec, Checkpoint]:
             f"the spec given differs from the one {out} was started with; resume without a "
             f"spec (it is read from {out / SPEC_FILE}) or start a new run"
         )
+    if not (out / CHECKPOINT_FILE).is_file():
+        _prepare_run_dir(out, overwrite=True)
+        return stored, None
     return stored, load_checkpoint(out)
 
 
