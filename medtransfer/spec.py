@@ -150,12 +150,15 @@ class FineTuneSpec(_Strict):
 
     Phase 1 trains the head for ``head_epochs`` with the backbone frozen; phase 2 unfreezes the
     top ``unfreeze`` blocks (a count >= 1, or a fraction of the blocks < 1) at the learning rate
-    times ``learning_rate_factor``. BatchNormalization stays in inference mode throughout.
+    times ``learning_rate_factor``. BatchNormalization stays in inference mode throughout unless
+    ``batchnorm: train`` lets the unfrozen blocks' BatchNormalization learn the target's
+    statistics (for sources whose statistics do not fit, e.g. another medical dataset).
     """
 
     head_epochs: Annotated[int, Field(ge=0)] = 3
     unfreeze: Annotated[float, Field(gt=0)] = 0.25
     learning_rate_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+    batchnorm: Literal["frozen", "train"] = "frozen"
 
 
 class TrainingSpec(_Strict):

@@ -229,6 +229,17 @@ def test_unfreeze_top_trains_only_top_blocks_and_never_batchnorm(built):
     )
 
 
+def test_unfreeze_top_can_let_the_top_blocks_batchnorm_train(built):
+    name, model = built
+    backbone = model.get_layer("backbone")
+    blocks = backbone_blocks(backbone, name)
+    unfreeze_top(backbone, name, 2, train_batchnorm=True)
+    for index, block in enumerate(blocks):
+        for layer in block:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                assert layer.trainable == (index >= len(blocks) - 2), layer.name
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True])
 def test_unfreeze_top_rejects_counts_it_cannot_mean(bad):
     backbone = build_backbone("mobilenetv3small", "none", (SIZE, SIZE, 3))

@@ -245,7 +245,9 @@ def _all_layers(layer: keras.layers.Layer):
         yield from _all_layers(inner)
 
 
-def unfreeze_top(model: keras.Model, name: str, n_blocks: int | float) -> int:
+def unfreeze_top(
+    model: keras.Model, name: str, n_blocks: int | float, *, train_batchnorm: bool = False
+) -> int:
     """Make only the top blocks of a backbone trainable; return how many blocks that is.
 
     ``n_blocks`` >= 1 is a whole number of blocks counted from the output (more than the
@@ -255,6 +257,9 @@ def unfreeze_top(model: keras.Model, name: str, n_blocks: int | float) -> int:
     BatchNormalization layer, in any block, stays ``trainable=False``, which in Keras 3 also
     runs it in inference mode: small medical batches would otherwise overwrite the pretrained
     statistics. LayerNormalization (ConvNeXt) has no running statistics and trains with its block.
+    ``train_batchnorm`` lets the top blocks' BatchNormalization train too (batch statistics,
+    moving averages updated): for a source whose statistics do not fit the target, e.g. a
+    backbone pretrained on another small medical dataset.
     """
     import keras
 
@@ -264,7 +269,8 @@ def unfreeze_top(model: keras.Model, name: str, n_blocks: int | float) -> int:
     for index, block in enumerate(blocks):
         for layer in block:
             layer.trainable = index >= len(blocks) - count
-    for layer in _all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
+    if not train_batchnorm:
+        for layer in _all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
     return count

@@ -35,7 +35,13 @@ class Phase:
             backbone.trainable = False
         else:
             backbone.trainable = True
-            unfreeze_top(backbone, spec.model.backbone, spec.training.fine_tune.unfreeze)
+            tune = spec.training.fine_tune
+            unfreeze_top(
+                backbone,
+                spec.model.backbone,
+                tune.unfreeze,
+                train_batchnorm=tune.batchnorm == "train",
+            )
 
 
 def plan_phases(spec: Spec) -> list[Phase]:
