@@ -3,6 +3,8 @@ uninterrupted run with the same seed (CPU)."""
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ import pytest
 from medtransfer.errors import RunError
 from medtransfer.models.backbones import build_backbone
 from medtransfer.spec import dump_spec, spec_from_dict
-from medtransfer.training.checkpoint import load_checkpoint
+from medtransfer.training.checkpoint import TrainingState, load_checkpoint, write_checkpoint
 from medtransfer.training.run import HISTORY_FILE, RUN_FILE, SPEC_FILE, train
 
 from .conftest import make_png_folders
@@ -135,6 +137,10 @@ def test_resume_refuses_finished_runs_changed_specs_and_non_runs(two_phase, tmp_
     (started / SPEC_FILE).write_text(dump_spec(spec))
     with pytest.raises(RunError, match="differs from the one"):
         train(spec.with_overrides(training={"learning_rate": 0.5}), started, resume=True)
+    stale = {"state": np.array(json.dumps(TrainingState(data_fingerprint="other").__dict__))}
+    write_checkpoint(started, stale)  # a checkpoint taken on different data
+    with pytest.raises(RunError, match=r"data behind .* changed since the run started"):
+        train(None, started, resume=True, workers=0)
 
 
 @pytest.mark.slow
