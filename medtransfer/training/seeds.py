@@ -15,7 +15,7 @@ import numpy as np
 
 from medtransfer import atomic
 from medtransfer.errors import RunError
-from medtransfer.spec import Spec
+from medtransfer.spec import Spec, load_spec
 from medtransfer.training.run import RUN_FILE, SPEC_FILE, Run, open_run, train
 
 SEEDS_FILE = "seeds.json"
@@ -97,8 +97,6 @@ def train_seeds(
 
 
 def _started_spec(out: Path, seeds: Sequence[int]) -> Spec:
-    from medtransfer.spec import load_spec
-
     for seed in seeds:
         path = seed_run_dir(out, seed) / SPEC_FILE
         if path.is_file():
