@@ -32,6 +32,8 @@ _LAZY = {
     "evaluate_seeds": "medtransfer.evaluation.seeds",
     "lr_find": "medtransfer.training.lr_find",
     "lr_find_figure": "medtransfer.training.lr_find",
+    "augment_preview_figure": "medtransfer.data.preview",
+    "make_augmenter": "medtransfer.data.augment",
     "download_weights": "medtransfer.models.weights",
     "evaluate": "medtransfer.evaluation.report",
     "roc_figure": "medtransfer.evaluation.plots",

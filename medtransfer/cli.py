@@ -11,8 +11,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from medtransfer.errors import MedtransferError
+from medtransfer.spec import Preset
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -36,6 +38,7 @@ def _spec_with_overrides(args: argparse.Namespace):
             "seed": args.seed,
         },
         image={"size": size},
+        augmentation={"preset": args.augment},
     )
 
 
@@ -83,6 +86,20 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     print(f"curve written to {Path(args.out) / 'lr_find.png'} (and lr_find.csv, lr_find.json)")
+    return EXIT_OK
+
+
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    from medtransfer.data.preview import write_augment_preview
+    from medtransfer.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.augment:
+        spec = spec.with_overrides(augmentation={"preset": args.augment})
+    path = write_augment_preview(
+        spec, args.out, seed=args.seed, count=args.count, versions=args.versions
+    )
+    print(f"preview written to {path}")
     return EXIT_OK
 
 
@@ -182,6 +199,11 @@ def _add_training_overrides(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learning-rate", type=float)
     group.add_argument("--image-size", type=int, help="square model input size in pixels")
     group.add_argument("--seed", type=int)
+    group.add_argument(
+        "--augment",
+        choices=get_args(Preset),
+        help="augmentation preset (the spec's options still apply on top)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
     _add_training_overrides(train)
     train.set_defaults(func=cmd_train)
+
+    preview = verbs.add_parser(
+        "augment-preview", help="training images beside their augmented versions, as a PNG grid"
+    )
+    preview.add_argument("--spec", required=True, help="data spec YAML")
+    preview.add_argument("--out", required=True, help="PNG file to write")
+    preview.add_argument("--seed", type=int, help="augmentation seed (default: the spec's)")
+    preview.add_argument("--count", type=int, default=6, help="training images (default 6)")
+    preview.add_argument("--versions", type=int, default=4, help="augmented copies (default 4)")
+    preview.add_argument("--augment", choices=get_args(Preset), help="preset instead of the spec's")
+    preview.set_defaults(func=cmd_augment_preview)
 
     find = verbs.add_parser(
         "lr-find", help="learning-rate range test: loss vs rate curve and a suggested rate"

@@ -24,6 +24,18 @@ from pydantic import (
 from medtransfer.errors import SpecError
 
 Task = Literal["binary", "multiclass", "multilabel"]
+Modality = Literal[
+    "xray",
+    "mammography",
+    "ct",
+    "mr",
+    "ultrasound",
+    "dermoscopy",
+    "fundus",
+    "histopathology",
+    "other",
+]
+Preset = Literal["none", "light", "xray", "ct", "color", "histopathology"]
 
 
 class _Strict(BaseModel):
@@ -182,6 +194,37 @@ class TrainingSpec(_Strict):
         return self
 
 
+class AugmentOption(_Strict):
+    """One option's override; a field left out keeps the preset's (or the option's) value."""
+
+    probability: Annotated[float, Field(ge=0, le=1)] | None = None
+    magnitude: Annotated[float, Field(ge=0)] | None = None
+
+
+class AugmentationSpec(_Strict):
+    """Training-time augmentation (``medtransfer.data.augment``).
+
+    ``preset`` defaults to the modality's (xray -> xray, ct -> ct, dermoscopy and fundus ->
+    color, histopathology -> histopathology, others -> light); ``options`` override or add any
+    option; ``albumentations`` names a pipeline saved with ``albumentations.save``, run after
+    the graph options (optional extra ``medtransfer[albumentations]``).
+    """
+
+    preset: Preset | None = None
+    options: dict[str, AugmentOption] = Field(default_factory=dict)
+    albumentations: Path | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, value: dict[str, AugmentOption]) -> dict[str, AugmentOption]:
+        from medtransfer.data.augment_presets import OPTIONS
+
+        unknown = sorted(set(value) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown options {unknown}; choose from {', '.join(OPTIONS)}")
+        return value
+
+
 class Spec(_Strict):
     """A validated data spec. ``source_file`` is where it was read from (for messages)."""
 
@@ -189,11 +232,13 @@ class Spec(_Strict):
     task: Task
     classes: list[str] = Field(min_length=1)
     positive_class: str | None = None
+    modality: Modality = "other"
     data: DataSource
     split: SplitSpec = SplitSpec()
     image: ImageSpec = ImageSpec()
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
+    augmentation: AugmentationSpec = AugmentationSpec()
     source_file: Path | None = None
 
     @model_validator(mode="after")
@@ -286,6 +331,16 @@ def _resolve_paths(spec: Spec) -> Spec:
                 "'imagenet', 'none' nor an existing weights file"
             )
         weights = str(weights_path.resolve())
+    albumentations = spec.augmentation.albumentations
+    if albumentations is not None:
+        albumentations = (
+            albumentations if albumentations.is_absolute() else base / albumentations
+        ).resolve()
+        if not albumentations.is_file():
+            raise SpecError(
+                f"{spec.origin}: augmentation.albumentations: {spec.augmentation.albumentations}"
+                f" not found ({albumentations})"
+            )
     labels = spec.data.labels
     if labels is not None:
         labels = (labels if labels.is_absolute() else base / labels).resolve()
@@ -295,6 +350,7 @@ def _resolve_paths(spec: Spec) -> Spec:
         update={
             "data": spec.data.model_copy(update={"path": data_path, "labels": labels}),
             "model": spec.model.model_copy(update={"weights": weights}),
+            "augmentation": spec.augmentation.model_copy(update={"albumentations": albumentations}),
         }
     )
 

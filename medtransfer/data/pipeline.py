@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from medtransfer.data.augment import Augmenter, batch_seed
 from medtransfer.data.cache import CacheSettings, ShardCache, UnreadableImages, decode_file
 from medtransfer.data.manifest import NPZ_SEPARATOR, targets
 from medtransfer.errors import DataError
@@ -214,12 +215,15 @@ def make_training_dataset(
     batch_size: int,
     seed: int,
     epochs: range,
+    augment: Augmenter | None = None,
 ) -> tf.data.Dataset:
     """The batches of ``epochs``, one after another; fit with ``steps_per_epoch``.
 
     Each epoch is its own permutation, drawn statelessly from ``(seed, epoch)``.
     ``Dataset.shuffle`` instead keys its order on how many times this process has iterated
     it, so a run resumed at epoch k would see a different order from an uninterrupted run.
+    ``augment`` runs on each batch with a seed of its own, from ``(seed, epoch, batch)``, in a
+    parallel map: what a batch looks like does not depend on when or where it is made.
     The last batch of an epoch may be short; batches never straddle epochs.
     """
     images_t, targets_t = tf.constant(images), tf.constant(targets)
@@ -227,12 +231,12 @@ def make_training_dataset(
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         keys = tf.random.stateless_uniform([count], seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
-        order = tf.argsort(keys)
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
+        return order.enumerate().map(lambda batch, index: (epoch, batch, index))
+
+    def load(epoch: tf.Tensor, batch: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y = tf.gather(images_t, index), tf.gather(targets_t, index)
+        return augment(x, y, batch_seed(seed, epoch, batch)) if augment else (x, y)
 
     batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
-    gathered = batches.map(
-        lambda index: (tf.gather(images_t, index), tf.gather(targets_t, index)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    return gathered.prefetch(tf.data.AUTOTUNE)
+    return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -26,12 +26,12 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 from matplotlib.figure import Figure
 
 from medtransfer import atomic
+from medtransfer.data.augment import make_augmenter
 from medtransfer.data.manifest import build_manifest
-from medtransfer.data.pipeline import load_split
+from medtransfer.data.pipeline import load_split, make_training_dataset
 from medtransfer.errors import MedtransferError
 from medtransfer.models.build import balanced_class_weights, build_model, make_loss
 from medtransfer.spec import Spec
@@ -263,8 +263,9 @@ def lr_find(
     whereas ``train`` reaches that phase after the head epochs, so read its curve with care.
 
     The model is fitted for exactly ``steps`` batches of ``training.batch_size`` (fewer if the
-    loss diverges) from a seeded, reshuffled, endlessly repeated training split: the number of
-    points does not depend on the dataset's size, and a small dataset is simply seen again.
+    loss diverges) of the training pipeline itself (seeded epochs, augmentation included; an
+    epoch's last batch may be short): the number of points does not depend on the dataset's
+    size, and a small dataset is simply seen again.
     ``callbacks`` are added after the range-test callback. With ``out_dir``, ``lr_find.csv``,
     ``lr_find.json`` and ``lr_find.png`` are written there (atomically).
     """
@@ -279,12 +280,13 @@ def lr_find(
         learning_rate=float(min_lr), weight_decay=spec.training.weight_decay
     )
     model.compile(optimizer=optimizer, loss=make_loss(spec))
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((images, labels))
-        .shuffle(len(images), seed=spec.training.seed, reshuffle_each_iteration=True)
-        .repeat()  # before batching: every batch is full, whatever the split's size
-        .batch(spec.training.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+    dataset = make_training_dataset(  # as training sees it, augmentation included
+        images,
+        labels,
+        batch_size=spec.training.batch_size,
+        seed=spec.training.seed,
+        epochs=range(-(-steps // -(-len(images) // spec.training.batch_size))),
+        augment=make_augmenter(spec),
     )
     class_weight = (
         balanced_class_weights(labels) if spec.training.class_weight == "balanced" else None

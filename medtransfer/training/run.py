@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from medtransfer import atomic
+from medtransfer.data.augment import make_augmenter
 from medtransfer.data.manifest import build_manifest, fingerprint
 from medtransfer.data.pipeline import load_split, make_dataset, make_training_dataset
 from medtransfer.errors import RunError
@@ -245,6 +246,7 @@ def _fit_phases(
         *([early_stopping] if early_stopping else []),
     ]
     val_data = make_dataset(val_x, val_y, batch_size=batch)
+    augment = make_augmenter(spec)
     phases = plan_phases(spec)
     class_weight = (
         balanced_class_weights(train_y) if spec.training.class_weight == "balanced" else None
@@ -275,7 +277,12 @@ def _fit_phases(
         try:
             model.fit(
                 make_training_dataset(
-                    train_x, train_y, batch_size=batch, seed=seed, epochs=range(first, last)
+                    train_x,
+                    train_y,
+                    batch_size=batch,
+                    seed=seed,
+                    epochs=range(first, last),
+                    augment=augment,
                 ),
                 validation_data=val_data,
                 initial_epoch=first,
