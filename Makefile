@@ -29,6 +29,7 @@ bench: venv
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/scoring_throughput.py
 	$(BIN)/python benchmarks/training_overhead.py
+	$(BIN)/python benchmarks/augment_throughput.py
 
 lint: venv
 	$(BIN)/ruff check medtransfer tests benchmarks

@@ -5,9 +5,11 @@ loss, optimiser, schedule) on the same decoded arrays, with the same validation 
 size and epochs. The bare arm is ``model.fit(x, y, validation_data=...)`` and nothing else;
 the medtransfer arm is ``train()`` with everything a run does: the epoch-keyed ``tf.data``
 order, best-model checkpointing, CSV and TensorBoard logs and the resumable checkpoint after
-every epoch. Throughput is training images per second over the epochs after the first (the
-first pays for graph tracing in both). The arms alternate, ``--rounds`` times; each keeps its
-best round, and the ratio medtransfer / bare is printed (target >= 0.95). Run with `make bench`.
+every epoch. Augmentation is off in both (preset none): it is training work, not overhead,
+and augment_throughput.py measures its cost. Throughput is training images per second over
+the epochs after the first (the first pays for graph tracing in both). The arms alternate,
+``--rounds`` times; each keeps its best round, and the ratio medtransfer / bare is printed
+(target >= 0.95). Run with `make bench`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def main() -> None:
     from medtransfer.spec import load_spec
     from medtransfer.training.run import train
 
-    spec = load_spec(args.spec).with_overrides(training={"epochs": args.epochs})
+    spec = load_spec(args.spec).with_overrides(
+        training={"epochs": args.epochs}, augmentation={"preset": "none"}
+    )
     manifest = build_manifest(spec)
 
     train_x, train_y = load_split(spec, manifest, "train", workers=0)

@@ -86,6 +86,17 @@ def test_every_option_keeps_shape_dtype_range_and_labels(name, grey, colour):
             np.testing.assert_array_equal(labels, targets)
 
 
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_images_not_chosen_are_left_exactly_as_they_were(name, grey):
+    """Probability ~0: no image is chosen (some Keras layers fail on an empty batch, and a
+    grey image sent through an RGB policy must come back bit-identical)."""
+    images = np.repeat(grey, 3, axis=-1) if OPTIONS[name].rgb_only else grey
+    targets = np.eye(2, dtype=np.float32)[np.arange(len(images)) % 2]
+    out, labels = _augment({name: Setting(1e-9, OPTIONS[name].magnitude)}, images, targets)
+    np.testing.assert_array_equal(out, images)
+    np.testing.assert_array_equal(labels, targets)
+
+
 def test_same_seed_same_batches_and_epochs_differ(grey):
     targets = np.zeros((len(grey), 1), np.float32)
     every = {name: Setting(0.5, o.magnitude) for name, o in OPTIONS.items() if not o.rgb_only}
