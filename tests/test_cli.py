@@ -238,3 +238,27 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(pipeline, tmp_
     assert resumed.state.val_auc == whole.state.val_auc
     for got, want in zip(resumed.model_values, whole.model_values, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_augment_preview_writes_a_grid_and_refuses_impossible_options(tmp_path):
+    from PIL import Image
+
+    spec = Path(__file__).resolve().parents[1] / "data_specs" / "pneumoniamnist.yaml"
+    out = tmp_path / "grid.png"
+    result = run_cli(
+        "augment-preview", "--spec", str(spec), "--out", str(out), "--count", "3", "--versions", "2"
+    )
+    assert f"preview written to {out}" in result.stdout
+    with Image.open(out) as grid:
+        assert grid.format == "PNG" and grid.width > 300 and grid.height > 300
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        spec.read_text()
+        .replace("\ndata:\n", "\naugmentation: {options: {hue: {probability: 1}}}\ndata:\n")
+        .replace("../../shared", str(spec.parents[2] / "shared"))
+    )
+    result = run_cli(
+        "augment-preview", "--spec", str(bad), "--out", str(tmp_path / "b.png"), expect=2
+    )
+    assert "augmentation option 'hue' needs image.channels: 3" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "b.png").exists()
