@@ -297,3 +297,15 @@ def test_spec_runs_a_saved_albumentations_pipeline_after_the_graph_options(tmp_p
     graph_only, _ = GraphAugmenter(PRESETS["light"])(tf.constant(grey), targets, _seed())
     assert not np.array_equal(first.numpy(), graph_only.numpy()[:, :, ::-1])  # seeds differ
     assert np.abs(first.numpy() - grey[:, :, ::-1]).mean() > 1e-3  # graph options ran too
+
+
+def test_preview_takes_classes_in_turn_and_writes_mixed_labels_as_shares():
+    from medtransfer.data.preview import _label_text, pick_examples
+
+    targets = np.eye(2, dtype=np.float32)[[1, 1, 1, 1, 0, 1, 0]]
+    np.testing.assert_array_equal(pick_examples(targets, 4), [4, 0, 6, 1])
+    assert len(pick_examples(targets, 50)) == 7
+    classes = ["benign", "malignant"]
+    assert _label_text(np.array([0.0, 1.0]), classes) == "malignant"
+    assert _label_text(np.array([0.25, 0.75]), classes) == "benign 0.25, malignant 0.75"
+    assert _label_text(np.array([np.nan, 1.0]), classes) == "malignant"
