@@ -309,3 +309,37 @@ def test_preview_takes_classes_in_turn_and_writes_mixed_labels_as_shares():
     assert _label_text(np.array([0.0, 1.0]), classes) == "malignant"
     assert _label_text(np.array([0.25, 0.75]), classes) == "benign 0.25, malignant 0.75"
     assert _label_text(np.array([np.nan, 1.0]), classes) == "malignant"
+
+
+def _centroids(images: np.ndarray) -> np.ndarray:
+    """(y, x) intensity centroid of each [H, W, 1] image."""
+    grid_y, grid_x = np.mgrid[: images.shape[1], : images.shape[2]]
+    weights = images[..., 0]
+    total = weights.sum(axis=(1, 2))
+    return np.stack(
+        [(weights * grid_y).sum((1, 2)) / total, (weights * grid_x).sum((1, 2)) / total], 1
+    )
+
+
+def test_geometry_is_one_affine_resampling_with_the_promised_ranges():
+    """A bright dot off the centre of a 29x29 image: rotation keeps its distance from the centre
+    and turns it by at most the magnitude, both ways; zoom scales that distance by at most
+    1 +- magnitude; translation moves it by at most the magnitude times the size."""
+    image = np.zeros((29, 29, 1), np.float32)
+    image[6:9, 20:23] = 1.0  # centroid (7, 21); the centre is (14, 14)
+    images = np.repeat(image[None], 64, axis=0)
+    centre, dot = np.array([14.0, 14.0]), np.array([7.0, 21.0])
+    radius, angle = np.linalg.norm(dot - centre), np.arctan2(*(dot - centre))
+
+    def moved(name, magnitude):
+        out, _ = _augment({name: Setting(1.0, magnitude)}, images, np.zeros((64, 1), np.float32))
+        return _centroids(out) - centre
+
+    offsets = moved("rotation", 20.0)
+    np.testing.assert_allclose(np.linalg.norm(offsets, axis=1), radius, atol=0.3)
+    turned = np.degrees(np.arctan2(offsets[:, 0], offsets[:, 1]) - angle)
+    assert np.abs(turned).max() <= 20.5 and turned.min() < -5 and turned.max() > 5
+    ratio = np.linalg.norm(moved("zoom", 0.2), axis=1) / radius
+    assert 1 / 1.2 - 0.03 <= ratio.min() < 0.97 and 1.03 < ratio.max() <= 1 / 0.8 + 0.03
+    shift = moved("translation", 0.1) - (dot - centre)
+    assert np.abs(shift).max() <= 0.1 * 29 + 0.3 and np.abs(shift).max() > 1.0

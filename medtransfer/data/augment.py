@@ -10,8 +10,10 @@ Three decisions shape this module:
   bit-exact.
 - **One option, one layer, one probability.** Each option is a Keras layer (or a small one
   here where Keras has none: gamma, noise, flips, rot90) with a magnitude, applied to each image
-  with its own probability. Options run in a fixed order: geometry, intensity, erasing,
-  policies, then the label-mixing MixUp and CutMix.
+  with its own probability. Rotation, zoom, translation and shear are the exception: they are
+  composed into one :class:`RandomAffine` so that an image is resampled once. Options run in
+  a fixed order: geometry, intensity, erasing, policies, then the label-mixing MixUp and
+  CutMix.
 - **Presets are data.** A preset is a mapping of option settings; a spec names one (or gets
   its modality's default) and overrides any option. Radiograph presets never flip: laterality
   is part of the image's meaning.
@@ -183,6 +185,88 @@ class RandomRot90(BaseImagePreprocessingLayer):
         return {**super().get_config(), "seed": self.seed}
 
 
+AFFINE_OPTIONS = ("rotation", "zoom", "translation", "shear")
+
+
+@keras.saving.register_keras_serializable("medtransfer")
+class RandomAffine(BaseImagePreprocessingLayer):
+    """Rotation, zoom, translation and shear, each with its own probability and magnitude,
+    drawn per image and applied as one resampling.
+
+    Keras' RandomRotation, RandomZoom, RandomTranslation and RandomShear each resample the
+    image: three of them cost three bilinear passes and blur fine structure (rib edges, thin
+    vessels) three times. Composing them into one matrix (Keras' own affine parametrisation)
+    costs one pass, and only for images that moved at all. Each argument is a
+    ``(probability, magnitude)`` pair: degrees for rotation and shear, fractions of the size
+    for zoom and translation. Out-of-image pixels are black.
+    """
+
+    def __init__(
+        self,
+        rotation: tuple[float, float] = (0.0, 0.0),
+        zoom: tuple[float, float] = (0.0, 0.0),
+        translation: tuple[float, float] = (0.0, 0.0),
+        shear: tuple[float, float] = (0.0, 0.0),
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.components = {
+            "rotation": tuple(rotation),
+            "zoom": tuple(zoom),
+            "translation": tuple(translation),
+            "shear": tuple(shear),
+        }
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        seed = seed or self._get_seed_generator(self.backend._backend)
+        count = _batch_size(data)
+        height, width = tf.shape(data)[1], tf.shape(data)[2]
+        moved = tf.zeros([count], tf.bool)
+
+        def draw(name: str, draws: int = 1) -> list[tf.Tensor]:
+            nonlocal moved
+            probability, magnitude = self.components[name]
+            chosen = keras.random.uniform([count], seed=seed) < probability
+            moved = tf.logical_or(moved, chosen)
+            return [
+                tf.where(
+                    chosen, keras.random.uniform([count], -magnitude, magnitude, seed=seed), 0.0
+                )
+                for _ in range(draws)
+            ]
+
+        (angle,) = draw("rotation")
+        (zoom,) = draw("zoom")
+        shift_x, shift_y = draw("translation", 2)
+        shear_x, shear_y = draw("shear", 2)
+        matrix = self._compute_affine_matrix(
+            center_x=0.5,
+            center_y=0.5,
+            angle=angle,
+            translate_x=shift_x * tf.cast(width, tf.float32),
+            translate_y=shift_y * tf.cast(height, tf.float32),
+            scale=1.0 + zoom,
+            shear_x=shear_x,
+            shear_y=shear_y,
+            height=height,
+            width=width,
+        )
+        return {"matrix": matrix, "moved": moved}
+
+    def transform_images(self, images, transformation, training=True):
+        if not training:
+            return images
+        return keras.ops.image.affine_transform(
+            images, transformation["matrix"], fill_mode="constant", fill_value=0.0
+        )
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), **self.components, "seed": self.seed}
+
+
 # -- options -----------------------------------------------------------------------------------
 
 Applier = Callable[
@@ -248,6 +332,21 @@ def _apply_policy(layer, images, targets, draws, probability):
     return out, targets
 
 
+def _apply_affine(layer, images, targets, draws, probability):
+    """The fused geometry: each component chose its own images; resample only those moved."""
+    transformation = layer.get_random_transformation(images, training=True, seed=draws)
+    moved = tf.where(transformation["moved"])[:, 0]
+    subset = tf.gather(images, moved)
+    out = tf.cond(
+        tf.size(moved) > 0,
+        lambda: layer.transform_images(
+            subset, {"matrix": tf.gather(transformation["matrix"], moved)}, training=True
+        ),
+        lambda: subset,
+    )
+    return tf.tensor_scatter_nd_update(images, moved[:, None], out), targets
+
+
 def _mix_targets(targets, partner, own_share, chosen):
     """``own_share * y + (1 - own_share) * y_partner`` for chosen images; others unchanged (so
     an unknown, NaN, partner label cannot leak into an image that was not mixed). A mixed image
@@ -281,17 +380,9 @@ def _apply_cutmix(layer, images, targets, draws, probability):
     return tf.cast(out, images.dtype), _mix_targets(targets, partner, 1.0 - pasted, pasted > 0)
 
 
-def _constant_fill(layer: type[keras.layers.Layer], *factors: object) -> keras.layers.Layer:
-    """Geometry fills with black, not reflections: a mirrored edge looks like anatomy."""
-    return layer(*factors, fill_mode="constant")
-
-
-# option -> its layer for a magnitude (what the magnitude means: augment_presets.OPTIONS)
+# option -> its layer for a magnitude (what the magnitude means: augment_presets.OPTIONS);
+# rotation, zoom, translation and shear share one RandomAffine (see GraphAugmenter)
 LAYERS: dict[str, Callable[[float], keras.layers.Layer]] = {
-    "rotation": lambda m: _constant_fill(keras.layers.RandomRotation, m / 360.0),
-    "zoom": lambda m: _constant_fill(keras.layers.RandomZoom, (-m, m)),
-    "translation": lambda m: _constant_fill(keras.layers.RandomTranslation, m, m),
-    "shear": lambda m: _constant_fill(keras.layers.RandomShear, m, m),
     "perspective": lambda m: keras.layers.RandomPerspective(factor=1.0, scale=m),
     "elastic": lambda m: keras.layers.RandomElasticTransform(
         factor=1.0, scale=m, value_range=UNIT_RANGE, fill_mode="constant"
@@ -346,20 +437,27 @@ class GraphAugmenter:
     """The spec's options as one batch function for ``Dataset.map`` (see :class:`Augmenter`)."""
 
     def __init__(self, settings: Mapping[str, Setting], seed: int = 0) -> None:
-        unknown = sorted(set(settings) - set(LAYERS))
+        unknown = sorted(set(settings) - set(LAYERS) - set(AFFINE_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown augmentation options {unknown}; known: {list(LAYERS)}")
+            raise ValueError(f"unknown augmentation options {unknown}; known: {list(OPTIONS)}")
         self.settings = dict(settings)
         self._seed = seed
-        self._steps = [
-            (
-                APPLIERS.get(name, _apply_to_images),
-                setting.probability,
-                LAYERS[name](setting.magnitude),
+        geometry = {
+            n: (s.probability, s.magnitude) for n, s in settings.items() if n in AFFINE_OPTIONS
+        }
+        self._steps = []
+        for name in OPTIONS:  # application order, whatever order the spec listed them in
+            if name not in settings:
+                continue
+            if name in AFFINE_OPTIONS:
+                if geometry:  # all four become one step, where the first of them stands
+                    self._steps.append((_apply_affine, 1.0, RandomAffine(**geometry)))
+                    geometry = {}
+                continue
+            apply = APPLIERS.get(name, _apply_to_images)
+            self._steps.append(
+                (apply, settings[name].probability, LAYERS[name](settings[name].magnitude))
             )
-            for name in OPTIONS  # application order, whatever order the spec listed them in
-            if (setting := settings.get(name)) is not None
-        ]
 
     def __call__(
         self, images: tf.Tensor, targets: tf.Tensor, seed: tf.Tensor

@@ -38,7 +38,7 @@ _OPTION_LIST = [
     Option("rotation", 10.0, "maximum angle in degrees"),
     Option("zoom", 0.1, "maximum zoom in or out, as a fraction of the size"),
     Option("translation", 0.05, "maximum shift, as a fraction of height and width"),
-    Option("shear", 0.1, "maximum shear factor"),
+    Option("shear", 10.0, "maximum shear angle in degrees"),
     Option("perspective", 0.1, "maximum corner displacement, as a fraction of the size"),
     Option("elastic", 0.5, "displacement strength (Keras RandomElasticTransform scale)"),
     Option("flip_horizontal", 1.0, "unused: the probability is the chance of a flip", flips=True),
