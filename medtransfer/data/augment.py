@@ -286,16 +286,20 @@ def _apply_to_images(layer, images, targets, draws, probability):
     if probability >= 1:
         return _transform(layer, images, draws), targets
     chosen = tf.where(_chosen(images, draws, probability))[:, 0]
-    subset = tf.gather(images, chosen)
-    out = tf.cond(  # some Keras layers fail on an empty batch
-        tf.size(chosen) > 0, lambda: _transform(layer, subset, draws), lambda: subset
-    )
-    return tf.tensor_scatter_nd_update(images, chosen[:, None], out), targets
+    return _replace_rows(images, chosen, lambda subset: _transform(layer, subset, draws)), targets
 
 
 def _transform(layer, images, draws):
     transformation = layer.get_random_transformation(images, training=True, seed=draws)
     return tf.cast(layer.transform_images(images, transformation, training=True), images.dtype)
+
+
+def _replace_rows(images, rows, transform):
+    """``images`` with ``images[rows]`` replaced by ``transform`` of them (skipped when there
+    are none: some Keras layers fail on an empty batch)."""
+    subset = tf.gather(images, rows)
+    out = tf.cond(tf.size(rows) > 0, lambda: transform(subset), lambda: subset)
+    return tf.tensor_scatter_nd_update(images, rows[:, None], out)
 
 
 _POLICY_DRAWS: ContextVar[StatelessDraws] = ContextVar("policy_draws")
@@ -336,15 +340,10 @@ def _apply_affine(layer, images, targets, draws, probability):
     """The fused geometry: each component chose its own images; resample only those moved."""
     transformation = layer.get_random_transformation(images, training=True, seed=draws)
     moved = tf.where(transformation["moved"])[:, 0]
-    subset = tf.gather(images, moved)
-    out = tf.cond(
-        tf.size(moved) > 0,
-        lambda: layer.transform_images(
-            subset, {"matrix": tf.gather(transformation["matrix"], moved)}, training=True
-        ),
-        lambda: subset,
-    )
-    return tf.tensor_scatter_nd_update(images, moved[:, None], out), targets
+    matrix = tf.gather(transformation["matrix"], moved)
+    return _replace_rows(
+        images, moved, lambda subset: layer.transform_images(subset, {"matrix": matrix})
+    ), targets
 
 
 def _mix_targets(targets, partner, own_share, chosen):
