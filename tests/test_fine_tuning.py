@@ -135,6 +135,14 @@ def test_medical_source_pretraining_starts_from_another_runs_backbone(tiny_run, 
         "head",
         "fine_tune",
     ]
+    # batchnorm: auto lets a medical source's BatchNormalization learn the target; frozen not
+    for setting, expected in (("auto", True), ("frozen", False), ("train", True)):
+        tuned = spec.with_overrides(training={"epochs": 5, "fine_tune": {"batchnorm": setting}})
+        model = build_model(tuned)
+        plan_phases(tuned)[1].apply(model, tuned)
+        top = backbone_blocks(model.get_layer("backbone"), "mobilenetv3small")[-1]
+        norms = [layer for layer in top if isinstance(layer, keras.layers.BatchNormalization)]
+        assert norms and all(layer.trainable is expected for layer in norms), setting
     other = spec.with_overrides(model={"backbone": "efficientnetb0"})
     with pytest.raises(WeightsUnavailableError, match="trained a mobilenetv3small backbone"):
         build_model(other)

@@ -3,7 +3,8 @@
 A pretrained backbone is first kept frozen while the new head learns (a random head's large
 gradients would otherwise wreck the pretrained features), then its top blocks are unfrozen at a
 lower learning rate. BatchNormalization layers stay frozen, i.e. in inference mode, in both
-phases: small medical batches give noisy statistics that would overwrite ImageNet's. A backbone
+phases: small medical batches give noisy statistics that would overwrite ImageNet's (a backbone
+from another medtransfer run lets them train by default: see ``FineTuneSpec``). A backbone
 trained from random initialisation has nothing to protect and trains whole in one phase.
 """
 
@@ -40,7 +41,7 @@ class Phase:
                 backbone,
                 spec.model.backbone,
                 tune.unfreeze,
-                train_batchnorm=tune.batchnorm == "train",
+                train_batchnorm=tune.trains_batchnorm(spec.model.weights),
             )
 
 
