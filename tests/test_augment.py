@@ -343,3 +343,25 @@ def test_geometry_is_one_affine_resampling_with_the_promised_ranges():
     assert 1 / 1.2 - 0.03 <= ratio.min() < 0.97 and 1.03 < ratio.max() <= 1 / 0.8 + 0.03
     shift = moved("translation", 0.1) - (dot - centre)
     assert np.abs(shift).max() <= 0.1 * 29 + 0.3 and np.abs(shift).max() > 1.0
+
+
+def test_medtransfer_layers_round_trip_through_their_config(grey):
+    from medtransfer.data.augment import RandomAffine, RandomGaussianNoise
+
+    layers = [
+        RandomGamma(0.3, seed=1),
+        RandomGaussianNoise(0.02, seed=2),
+        RandomRot90(seed=3),
+        Flip("vertical"),
+        RandomAffine(rotation=(0.5, 5.0), translation=(0.2, 0.1), seed=4),
+    ]
+    x = tf.constant(grey)
+    for layer in layers:
+        clone = type(layer).from_config(layer.get_config())
+        assert clone.get_config() == layer.get_config()
+        draws = [StatelessDraws(_seed()) for _ in range(2)]
+        outs = [
+            lay.transform_images(x, lay.get_random_transformation(x, seed=d))
+            for lay, d in zip((layer, clone), draws, strict=True)
+        ]
+        np.testing.assert_array_equal(outs[0].numpy(), outs[1].numpy())
