@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from matplotlib.figure import Figure
 
 from medtransfer import atomic
@@ -48,8 +49,6 @@ def augment_examples(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``versions`` augmented copies of one batch, as epochs 0, 1, ... would draw them (each
     a batch 0 seed of its epoch); ``[]`` when the spec asks for no augmentation."""
-    import tensorflow as tf
-
     augment = make_augmenter(spec)
     if augment is None:
         return []
