@@ -99,8 +99,10 @@ def test_images_not_chosen_are_left_exactly_as_they_were(name, grey):
 
 def test_same_seed_same_batches_and_epochs_differ(grey):
     targets = np.zeros((len(grey), 1), np.float32)
-    every = {name: Setting(0.5, o.magnitude) for name, o in OPTIONS.items() if not o.rgb_only}
-    augment = GraphAugmenter(every, seed=3)
+    # the xray preset plus erasing and MixUp; the costly policies and elastic are covered by
+    # the other-process test below
+    settings = {**PRESETS["xray"], "erasing": Setting(0.5, 0.2), "mixup": Setting(0.5, 0.2)}
+    augment = GraphAugmenter(settings, seed=3)
 
     def batches(seed):
         ds = make_training_dataset(
@@ -136,12 +138,9 @@ def test_another_process_draws_the_same_augmentations():
     """Stateless draws: nothing depends on what this process did before (AugMix's Python-level
     choice of operations included)."""
     script = _OTHER_PROCESS.format(path=str(MEDMNIST / "breastmnist.npz"))
-    runs = [
-        subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
-        ).stdout.strip()
-        for _ in range(2)
-    ]
+    there = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.strip()
     tf.random.uniform([3])  # disturb this process's global random state first
     import hashlib
 
@@ -150,7 +149,7 @@ def test_another_process_draws_the_same_augmentations():
     settings = {n: Setting(0.7, OPTIONS[n].magnitude) for n in names}
     out, _ = GraphAugmenter(settings, seed=5)(tf.constant(x), tf.zeros([8, 1]), _seed(2, 1, 5))
     here = hashlib.sha256(out.numpy().tobytes()).hexdigest()
-    assert runs == [here, here]
+    assert there == here
 
 
 def _constant_batch(values: np.ndarray, size: int = 24, channels: int = 1) -> np.ndarray:
