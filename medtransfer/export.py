@@ -4,6 +4,8 @@ The exported graph holds the whole inference path (resize, channel handling, the
 normalisation, backbone, head) in TensorFlow ops only, so it loads with TensorFlow alone and
 serves exactly what was evaluated. Two signatures: ``serving_default`` takes float images in
 [0, 1] of any size; ``predict_png`` takes encoded PNG bytes (TF Serving's REST ``{"b64": ...}``).
+A model with tabular features takes them in both signatures as flat [batch] tensors named after
+the features (float32 with NaN for a missing number; string with "" for a missing category).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from medtransfer import atomic
 from medtransfer.data.pipeline import resize_images
 from medtransfer.errors import ExportError
 from medtransfer.predictor import EXPORT_INFO, ModelInfo
+from medtransfer.spec import TabularFeature
 from medtransfer.training.run import EVALUATION_DIR, open_run
 
 
@@ -37,35 +40,58 @@ def build_archive(model: keras.Model, info: ModelInfo) -> keras.export.ExportArc
     """The export archive with both signatures; kept separate so tests can inspect it."""
     classes = tf.constant(info.class_names)
     size, channels = tuple(info.image_size), info.channels
+    tabular_specs = [
+        tf.TensorSpec((None,), tf.float32 if f.type == "numeric" else tf.string, name=f.name)
+        for f in info.tabular
+    ]
 
-    def outputs(probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
+    def predict(images: tf.Tensor, tabular: tuple[tf.Tensor, ...]) -> dict[str, tf.Tensor]:
+        inputs = images
+        if info.tabular:
+            columns = {
+                f.name: value[:, None] for f, value in zip(info.tabular, tabular, strict=True)
+            }
+            inputs = {"image": images, **columns}
+        probabilities = model(inputs, training=False)
         names = tf.tile(classes[None, :], [tf.shape(probabilities)[0], 1])
         return {"probabilities": probabilities, "class_names": names}
 
-    def serve_image(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        return outputs(model(image, training=False))
+    def serve_image(image: tf.Tensor, *tabular: tf.Tensor) -> dict[str, tf.Tensor]:
+        return predict(image, tabular)
 
-    def serve_png(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+    def serve_png(image_bytes: tf.Tensor, *tabular: tf.Tensor) -> dict[str, tf.Tensor]:
         images = tf.map_fn(
             _decode_png(size, channels),
             image_bytes,
             fn_output_signature=tf.TensorSpec((*size, channels), tf.float32),
         )
-        return outputs(model(images, training=False))
+        return predict(images, tabular)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         "serving_default",
         serve_image,
-        input_signature=[tf.TensorSpec((None, None, None, channels), tf.float32, name="image")],
+        input_signature=[
+            tf.TensorSpec((None, None, None, channels), tf.float32, name="image"),
+            *tabular_specs,
+        ],
     )
     archive.add_endpoint(
         "predict_png",
         serve_png,
-        input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")],
+        input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes"), *tabular_specs],
     )
     return archive
+
+
+def _describe_feature(feature: TabularFeature) -> str:
+    if feature.type == "numeric":
+        kind = "float32 [batch], NaN = missing"
+    else:
+        kind = f"string [batch], one of {feature.values}; anything else = missing"
+    source = f"; scoring reads DICOM {feature.source_tag}" if feature.source_tag else ""
+    return f"{feature.name}: {kind}{source}"
 
 
 def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[str, dict]:
@@ -81,6 +107,7 @@ def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[s
             "resized_inside_to": list(info.image_size),
             "dicom_window": info.window,
             "dicom_frames": info.frames,
+            "tabular": [_describe_feature(feature) for feature in info.tabular],
         },
         "outputs": {
             "probabilities": f"float32 [batch, {len(info.class_names)}]",
@@ -113,6 +140,7 @@ def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[s
         f"seed {card['training']['seed']}",
         f"- Input: {card['input']['serving_default']}; resized inside to "
         f"{info.image_size[0]}x{info.image_size[1]}",
+        *[f"- Tabular input {item}" for item in card["input"]["tabular"]],
         f"- Data: {card['training']['images_per_split']} images per split, fingerprint "
         f"`{card['training']['data_fingerprint']}`",
         f"- Best validation AUROC {card['training']['best_val_auroc']} "

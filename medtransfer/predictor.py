@@ -7,15 +7,18 @@ will be (or was) handed to TF Serving, with the window and frame policy it was t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from medtransfer.data.pipeline import to_model_input
+from medtransfer.data.pipeline import Inputs, input_count, to_model_input
+from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
+from medtransfer.spec import TabularFeature
 from medtransfer.training.run import RUN_FILE, open_run
 
 EXPORT_INFO = Path("assets.extra") / "medtransfer.json"
@@ -33,11 +36,13 @@ class ModelInfo:
     channels: int
     window: str | dict[str, float]
     frames: str
+    tabular: tuple[TabularFeature, ...] = field(default=())
 
     @classmethod
     def from_run_info(cls, info: dict[str, Any]) -> ModelInfo:
         image = info["image"]
         return cls(
+            tabular=tuple(TabularFeature(**f) for f in info.get("tabular", [])),
             name=info["name"],
             task=info["task"],
             class_names=list(info["classes"]),
@@ -60,6 +65,7 @@ class ModelInfo:
                 "window": self.window,
                 "frames": self.frames,
             },
+            "tabular": [feature.model_dump(mode="json") for feature in self.tabular],
         }
 
 
@@ -82,20 +88,48 @@ class Predictor:
     def frames(self) -> str:
         return self.info.frames
 
-    def predict(self, images: list[np.ndarray]) -> np.ndarray:
-        """Decoded images of any size ([H, W] or [H, W, 3] in [0, 1]) -> [N, K] probabilities."""
-        return self.predict_batch(to_model_input(images, self.info.image_size, self.info.channels))
+    @property
+    def tabular(self) -> tuple[TabularFeature, ...]:
+        return self.info.tabular
 
-    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Model-ready [N, H, W, C] images -> [N, K] probabilities, in chunks of batch_size."""
+    def predict(
+        self,
+        images: list[np.ndarray],
+        tabular: Mapping[str, Sequence[float | str]] | None = None,
+    ) -> np.ndarray:
+        """Decoded images of any size ([H, W] or [H, W, 3] in [0, 1]) -> [N, K] probabilities.
+
+        A model with tabular inputs takes their parsed values (``medtransfer.data.tabular``)
+        as ``tabular``, one sequence per feature name; a feature left out is missing.
+        """
+        batch = to_model_input(images, self.info.image_size, self.info.channels)
+        if not self.tabular:
+            return self.predict_batch(batch)
+        given = tabular or {}
+        blank = {
+            f.name: [np.nan if f.type == "numeric" else ""] * len(images) for f in self.tabular
+        }
+        return self.predict_batch(
+            {"image": batch, **model_inputs(blank | dict(given), self.tabular)}
+        )
+
+    def predict_batch(self, batch: Inputs) -> np.ndarray:
+        """Model-ready inputs ([N, H, W, C] images, or named arrays with tabular features) ->
+        [N, K] probabilities, in chunks of batch_size."""
         out = [
-            self._predict_chunk(batch[i : i + self.batch_size])
-            for i in range(0, len(batch), self.batch_size)
+            self._predict_chunk(_rows(batch, slice(i, i + self.batch_size)))
+            for i in range(0, input_count(batch), self.batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
-    def _predict_chunk(self, chunk: np.ndarray) -> np.ndarray:
+    def _predict_chunk(self, chunk: Inputs) -> np.ndarray:
         raise NotImplementedError
+
+
+def _rows(inputs: Inputs, rows: slice) -> Inputs:
+    if isinstance(inputs, dict):
+        return {name: values[rows] for name, values in inputs.items()}
+    return inputs[rows]
 
 
 class KerasPredictor(Predictor):
@@ -103,18 +137,27 @@ class KerasPredictor(Predictor):
         super().__init__(info, batch_size)
         self.model = model
 
-    def _predict_chunk(self, chunk: np.ndarray) -> np.ndarray:
+    def _predict_chunk(self, chunk: Inputs) -> np.ndarray:
+        if isinstance(chunk, dict):  # strings need TensorFlow tensors (numpy ones are objects)
+            chunk = {name: tf.constant(values) for name, values in chunk.items()}
         return np.asarray(self.model(chunk, training=False))
 
 
 class SavedModelPredictor(Predictor):
+    """Through the ``serving_default`` signature, as TF Serving calls it: tabular features
+    are flat [batch] tensors there (one value per instance in a REST request)."""
+
     def __init__(self, path: Path, info: ModelInfo, batch_size: int = 32):
         super().__init__(info, batch_size)
         self._loaded = tf.saved_model.load(str(path))
         self._serve = self._loaded.signatures["serving_default"]
 
-    def _predict_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        return self._serve(image=tf.constant(chunk, tf.float32))["probabilities"].numpy()
+    def _predict_chunk(self, chunk: Inputs) -> np.ndarray:
+        named = chunk if isinstance(chunk, dict) else {"image": chunk}
+        arguments = {"image": tf.constant(named["image"], tf.float32)}
+        for feature in self.tabular:
+            arguments[feature.name] = tf.constant(named[feature.name].reshape(-1))
+        return self._serve(**arguments)["probabilities"].numpy()
 
 
 def load_predictor(path: str | Path, batch_size: int = 32) -> Predictor:

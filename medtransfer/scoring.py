@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
+from medtransfer.data.tabular import tolerant_values
 from medtransfer.folder_pool import (
     WORKER_DIED,
     CsvOutput,
@@ -33,6 +36,9 @@ from medtransfer.folder_pool import (
     describe,
 )
 from medtransfer.io import ImageReadError, load_image
+
+if TYPE_CHECKING:
+    from medtransfer.spec import TabularFeature
 
 __all__ = [
     "BASE_COLUMNS",
@@ -52,13 +58,18 @@ class ScoringError(FolderError):
 
 
 class Predictor(Protocol):
-    """What scoring needs from a model; ``medtransfer.export`` provides one for a saved model."""
+    """What scoring needs from a model; ``medtransfer.predictor`` provides one for a run or an
+    export. ``tabular`` lists the model's tabular features: scoring reads each one's DICOM tag
+    (a feature without a tag, or a file without the tag, is passed as missing)."""
 
     class_names: list[str]
     window: str | dict
     frames: str
+    tabular: Sequence[TabularFeature]
 
-    def predict(self, images: list[np.ndarray]) -> np.ndarray:
+    def predict(
+        self, images: list[np.ndarray], tabular: Mapping[str, Sequence[float | str]] | None = None
+    ) -> np.ndarray:
         """Variable-size [H,W] or [H,W,3] float32 images in [0, 1] -> [len, K] probabilities."""
         ...
 
@@ -94,12 +105,23 @@ class _Decoded(NamedTuple):
 
     pixels: np.ndarray
     sop_instance_uid: str
+    tags: tuple[str, ...]  # raw values of the requested DICOM tags ("" when absent)
 
 
-def _decode_file(path: str, window: str | dict, frames: str) -> _Decoded:
+def _decode_file(path: str, window: str | dict, frames: str, tags: tuple[str, ...]) -> _Decoded:
     """Runs in a decode worker; an ImageReadError becomes the file's error row."""
     image = load_image(path, window=window, frames=frames)
-    return _Decoded(np.asarray(image.pixels, dtype=np.float32), image.sop_instance_uid)
+    values = _tag_values(path, tags) if tags else ()
+    return _Decoded(np.asarray(image.pixels, dtype=np.float32), image.sop_instance_uid, values)
+
+
+def _tag_values(path: str, tags: tuple[str, ...]) -> tuple[str, ...]:
+    """A second, header-only read: cheap next to decoding, and only for tabular models."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
+    except (InvalidDicomError, OSError, ValueError, EOFError):  # PNG and other non-DICOM inputs
+        return ("",) * len(tags)
+    return tuple(str(ds.get(tag, "") or "") for tag in tags)
 
 
 def score_folder(
@@ -128,7 +150,7 @@ def score_folder(
     pool = FolderPool(
         root,
         _decode_file,
-        (predictor.window, predictor.frames),
+        (predictor.window, predictor.frames, _tags(predictor.tabular)),
         workers=workers,
         expected=(ImageReadError,),
     )
@@ -186,8 +208,13 @@ def _score_batches(
         yield _predict_rows(batch, predictor)
 
 
+def _tags(features: Sequence[TabularFeature]) -> tuple[str, ...]:
+    """The DICOM tags to read for the model's tabular features, in feature order."""
+    return tuple(f.source_tag for f in features if f.source_tag)
+
+
 def _predict_rows(batch: list[Outcome[_Decoded]], predictor: Predictor) -> list[list[str]]:
-    images = [decoded.value.pixels for decoded in batch if decoded.value is not None]
+    images = [decoded.value for decoded in batch if decoded.value is not None]
     predictions = iter(_predict(predictor, images) if images else [])
     no_probs = [""] * len(predictor.class_names)
     rows = []
@@ -201,7 +228,7 @@ def _predict_rows(batch: list[Outcome[_Decoded]], predictor: Predictor) -> list[
     return rows
 
 
-def _predict(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray | str]:
+def _predict(predictor: Predictor, images: list[_Decoded]) -> list[np.ndarray | str]:
     """Probabilities or an error message per image. A batch that fails is retried image by image,
     so one image the model cannot take only costs its own row."""
     try:
@@ -213,8 +240,18 @@ def _predict(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray 
     return [_check_probs(p) for p in probs]
 
 
-def _predict_array(predictor: Predictor, images: list[np.ndarray]) -> np.ndarray:
-    probs = np.asarray(predictor.predict(images), dtype=np.float32)
+def _predict_array(predictor: Predictor, images: list[_Decoded]) -> np.ndarray:
+    pixels = [image.pixels for image in images]
+    if predictor.tabular:
+        tagged = [f for f in predictor.tabular if f.source_tag]
+        tabular = {
+            feature.name: tolerant_values([image.tags[i] for image in images], feature)
+            for i, feature in enumerate(tagged)
+        }
+        probs = predictor.predict(pixels, tabular)  # features without a tag: missing
+    else:
+        probs = predictor.predict(pixels)
+    probs = np.asarray(probs, dtype=np.float32)
     expected = (len(images), len(predictor.class_names))
     if probs.shape != expected:
         raise ValueError(f"predictor returned shape {probs.shape}, expected {expected}")

@@ -234,6 +234,70 @@ class AugmentationSpec(_Strict):
         return value
 
 
+# Identifiers and dates that must never become model inputs (they would ride into exports).
+_PHI_TAGS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "InstitutionAddress",
+    }
+)
+DEFAULT_TAGS = {"age": "PatientAge", "sex": "PatientSex", "view": "ViewPosition"}
+
+
+class TabularFeature(_Strict):
+    """One non-image input (``medtransfer.data.tabular``), fused with the image features.
+
+    Values come from ``column`` of the labels CSV (default: the feature's name) or, when the CSV
+    has no such column, from DICOM ``tag`` (default for age, sex and view: PatientAge,
+    PatientSex, ViewPosition); scoring a DICOM folder reads the tag. Categorical ``values``
+    are the known categories; anything else, and a missing value, is the model's "other or
+    missing" category.
+    """
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+    type: Literal["numeric", "categorical"]
+    values: list[str] | None = None
+    column: str | None = None
+    tag: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TabularFeature:
+        if self.name == "image":
+            raise ValueError("'image' is the image input's name; call the feature otherwise")
+        if self.type == "categorical":
+            if not self.values or len(set(self.values)) != len(self.values):
+                raise ValueError(f"categorical feature {self.name!r} needs unique values: [...]")
+            if "" in self.values:
+                raise ValueError("the empty value means missing; it cannot be a category")
+        elif self.values is not None:
+            raise ValueError(f"numeric feature {self.name!r} takes no values")
+        if self.tag is not None:
+            from pydicom.datadict import tag_for_keyword
+
+            if tag_for_keyword(self.tag) is None:
+                raise ValueError(f"{self.tag!r} is not a DICOM keyword (e.g. PatientAge)")
+            if self.tag in _PHI_TAGS:
+                raise ValueError(f"{self.tag} identifies a patient; it cannot be a model input")
+        return self
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @property
+    def source_tag(self) -> str | None:
+        return self.tag or DEFAULT_TAGS.get(self.name)
+
+
 class Spec(_Strict):
     """A validated data spec. ``source_file`` is where it was read from (for messages)."""
 
@@ -248,6 +312,7 @@ class Spec(_Strict):
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
     augmentation: AugmentationSpec = AugmentationSpec()
+    tabular: list[TabularFeature] = Field(default_factory=list)
     source_file: Path | None = None
 
     @model_validator(mode="after")
@@ -265,6 +330,14 @@ class Spec(_Strict):
                 raise ValueError("positive_class only applies to task: binary")
             if self.positive_class not in self.classes:
                 raise ValueError(f"positive_class {self.positive_class!r} is not in {self.classes}")
+        if self.tabular:
+            names = [feature.name for feature in self.tabular]
+            if len(set(names)) != len(names):
+                raise ValueError(f"tabular feature names must be unique, got {names}")
+            if self.data.format not in ("manifest", "dicom_folder"):
+                raise ValueError(
+                    "tabular features need a table per image: data.format manifest or dicom_folder"
+                )
         return self
 
     @property

@@ -63,6 +63,7 @@ def test_breastmnist_cli_train_then_evaluate_on_the_test_split(tmp_path):
     assert run["images"] == {"train": 546, "val": 78, "test": 156}
 
 
+@pytest.mark.slow  # ~30 s; colour and multiclass paths are also covered by faster tests
 def test_retinamnist_multiclass_colour_run(tmp_path):
     spec = load_spec(REPO / "data_specs" / "retinamnist.yaml").with_overrides(
         model=FAST, training={"epochs": 1}, image={"size": (32, 32)}

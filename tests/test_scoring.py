@@ -45,6 +45,7 @@ class MeanPredictor:
     class_names = ["low", "high"]  # noqa: RUF012 (the Predictor protocol's attribute)
     window = "dicom"
     frames = "first"
+    tabular = ()
 
     def __init__(self, delay_per_image: float = 0.0) -> None:
         self.delay_per_image = delay_per_image

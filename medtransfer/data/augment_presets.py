@@ -160,6 +160,12 @@ def check_settings(settings: Mapping[str, Setting], spec: Spec) -> None:
             raise SpecError(f"{spec.origin}: augmentation option {name!r} needs image.channels: 3")
         if option.square_only and spec.image.size[0] != spec.image.size[1]:
             raise SpecError(f"{spec.origin}: augmentation option {name!r} needs square images")
+    mixing = [name for name in ("mixup", "cutmix") if name in settings]
+    if mixing and spec.tabular:
+        raise SpecError(
+            f"{spec.origin}: augmentation option(s) {mixing} blend two images but a model with "
+            "tabular inputs would keep only one image's features; set their probability to 0"
+        )
     flips = [name for name in settings if OPTIONS[name].flips]
     if flips and spec.modality in RADIOGRAPHS:
         warnings.warn(

@@ -9,7 +9,10 @@ PHI, and splits are made per patient so one patient's images never sit on both s
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medtransfer.data.tabular import column_name, parse_values, tolerant_values
 from medtransfer.errors import SpecError
 from medtransfer.io.dicom import SAFE_TAGS
 from medtransfer.privacy import pseudonym
@@ -34,13 +38,19 @@ def target_columns(classes: list[str]) -> list[str]:
 
 
 def build_manifest(spec: Spec) -> pd.DataFrame:
-    """The spec's data as a manifest with columns path, split, patient, site, label, y:<class>."""
+    """The spec's data as a manifest with columns path, split, patient, site, label, y:<class>
+    and, for a spec with tabular features, t:<feature>."""
     builders = {
         "npz": _from_npz,
         "manifest": _from_csv,
         "folders": _from_folders,
         "dicom_folder": _from_dicom_folder,
     }
+    if spec.tabular and spec.data.format not in ("manifest", "dicom_folder"):
+        raise SpecError(
+            f"{spec.origin}: tabular: format {spec.data.format} has no per-image table to read "
+            f"{[f.name for f in spec.tabular]} from; use a manifest or dicom_folder"
+        )
     df = builders[spec.data.format](spec)
     if "split" not in df.columns or df["split"].isna().any():
         df["split"] = _patient_split(df, spec)
@@ -189,7 +199,72 @@ def _from_csv(spec: Spec) -> pd.DataFrame:
     }
     if source.split_column:
         columns["split"] = _split_values(table[source.split_column], spec)
+    columns |= _tabular_columns(spec, table, lambda tags: _read_tags(paths, tags))
     return _frame(paths, _labels_from_csv(table, spec), spec, **columns)
+
+
+def _read_tags(paths: list[str], tags: list[str]) -> pd.DataFrame:
+    """Columns ``_<tag>`` with each file's tag values ("" when absent or not a DICOM file)."""
+    rows = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            ds = {}
+        rows.append({f"_{tag}": str(ds.get(tag, "") or "") for tag in tags})
+    return pd.DataFrame(rows, columns=[f"_{tag}" for tag in tags])
+
+
+def _tabular_columns(
+    spec: Spec, table: pd.DataFrame, tag_table: Callable[[list[str]], pd.DataFrame]
+) -> dict[str, list]:
+    """``t:<feature>`` columns: from the CSV column when it has one, else from the DICOM tag.
+
+    A malformed number in the CSV is an error (someone typed it and can fix it); in a DICOM
+    header it is a missing value, counted in a warning (archives hold odd headers, and one must
+    not stop a training set). Categories outside the spec's ``values`` are warned about: the
+    model will see them as "other or missing".
+    """
+    from_tags = [f for f in spec.tabular if f.source_column not in table.columns and f.source_tag]
+    tags = tag_table(sorted({f.source_tag for f in from_tags})) if from_tags else None
+    columns: dict[str, list] = {}
+    for feature in spec.tabular:
+        field = f"tabular.{feature.name}"
+        if feature.source_column in table.columns:
+            try:
+                values = parse_values(table[feature.source_column], feature)
+            except ValueError as error:
+                raise _fail(spec, field, f"column {feature.source_column!r}: {error}") from None
+        elif feature in from_tags:
+            raw = tags[f"_{feature.source_tag}"]
+            values = tolerant_values(raw, feature)
+            bad = sum(
+                feature.type == "numeric" and bool(r.strip()) and math.isnan(v)
+                for r, v in zip(raw, values, strict=True)
+            )
+            if bad:
+                warnings.warn(
+                    f"{spec.origin}: {field}: {bad} file(s) have a {feature.source_tag} that is "
+                    "not a number; treated as missing",
+                    stacklevel=3,
+                )
+        else:
+            raise _fail(
+                spec,
+                field,
+                f"the labels CSV has no column {feature.source_column!r}, and the feature has "
+                "no DICOM tag to read instead (set column: or tag:)",
+            )
+        if feature.type == "categorical":
+            other = sorted(set(values) - set(feature.values) - {""})
+            if other:
+                warnings.warn(
+                    f"{spec.origin}: {field}: value(s) {other[:5]} are not in values "
+                    f"{feature.values}; the model sees them as other-or-missing",
+                    stacklevel=3,
+                )
+        columns[column_name(feature.name)] = values
+    return columns
 
 
 def _split_values(column: pd.Series, spec: Spec) -> list[str]:
@@ -228,6 +303,7 @@ def _from_dicom_folder(spec: Spec) -> pd.DataFrame:
     key = source.label_key_column
     table = _read_table(spec, source.labels, "data.labels", key)
     tags = [t for t in ("PatientID", source.site_tag) if t]
+    tags += [f.source_tag for f in spec.tabular if f.source_tag and f.source_tag not in tags]
     headers = _dicom_headers(source.path, tags)
     by = f"_{source.key}"
     if headers[by].duplicated().any():
@@ -255,6 +331,7 @@ def _from_dicom_folder(spec: Spec) -> pd.DataFrame:
         columns["site"] = [v if keep else f"site-{pseudonym(v, salt)[:8]}" for v in values]
     if source.split_column:
         columns["split"] = _split_values(joined[source.split_column], spec)
+    columns |= _tabular_columns(spec, joined, lambda _: joined)
     return _frame(joined["_file"].tolist(), _labels_from_csv(joined, spec), spec, **columns)
 
 

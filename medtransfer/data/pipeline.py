@@ -24,13 +24,22 @@ import tensorflow as tf
 from medtransfer.data.augment import Augmenter, batch_seed
 from medtransfer.data.cache import CacheSettings, ShardCache, UnreadableImages, decode_file
 from medtransfer.data.manifest import NPZ_SEPARATOR, targets
+from medtransfer.data.tabular import column_name, model_inputs
 from medtransfer.errors import DataError
 from medtransfer.io import ImageReadError
 
 if TYPE_CHECKING:
-    from medtransfer.spec import Spec
+    from medtransfer.spec import Spec, TabularFeature
 
 _RESIZE_CHUNK = 32  # decoded full-size images held at once while a shard is resized
+
+# What a model takes: an image batch, or (with tabular features) named arrays, "image" included.
+Inputs = np.ndarray | dict[str, np.ndarray]
+
+
+def input_count(inputs: Inputs) -> int:
+    """How many examples ``inputs`` hold."""
+    return len(inputs["image"] if isinstance(inputs, dict) else inputs)
 
 
 def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
@@ -168,8 +177,12 @@ def load_images(
 
 def load_split(
     spec: Spec, manifest: pd.DataFrame, split: str, *, workers: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """One split of a manifest as the spec's model sees it: images and [N, K] targets."""
+) -> tuple[Inputs, np.ndarray]:
+    """One split of a manifest as the spec's model sees it: inputs and [N, K] targets.
+
+    The inputs are the image array, or for a spec with tabular features the dict of named
+    inputs (``image`` plus one [N, 1] array per feature).
+    """
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise DataError(f"{spec.origin}: no images in the {split} split")
@@ -181,7 +194,18 @@ def load_split(
         frames=spec.image.frames,
         workers=workers,
     )
-    return images, targets(rows, spec.classes)
+    return with_tabular(images, rows, spec.tabular), targets(rows, spec.classes)
+
+
+def with_tabular(
+    images: np.ndarray, rows: pd.DataFrame, features: Sequence[TabularFeature]
+) -> Inputs:
+    """The model inputs for ``images`` and their manifest ``rows``: the images alone, or with
+    the given tabular features."""
+    if not features:
+        return images
+    values = {f.name: rows[column_name(f.name)] for f in features}
+    return {"image": images, **model_inputs(values, features)}
 
 
 def _load_file_rows(
@@ -202,14 +226,14 @@ def _load_file_rows(
         return ShardCache(cache_dir).load(paths, settings, decode)
 
 
-def make_dataset(images: np.ndarray, targets: np.ndarray, *, batch_size: int) -> tf.data.Dataset:
+def make_dataset(inputs: Inputs, targets: np.ndarray, *, batch_size: int) -> tf.data.Dataset:
     """Batched, prefetched, in order: for validation, evaluation and prediction."""
-    dataset = tf.data.Dataset.from_tensor_slices((images, targets))
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, targets))
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def make_training_dataset(
-    images: np.ndarray,
+    inputs: Inputs,
     targets: np.ndarray,
     *,
     batch_size: int,
@@ -224,19 +248,24 @@ def make_training_dataset(
     it, so a run resumed at epoch k would see a different order from an uninterrupted run.
     ``augment`` runs on each batch with a seed of its own, from ``(seed, epoch, batch)``, in a
     parallel map: what a batch looks like does not depend on when or where it is made.
-    The last batch of an epoch may be short; batches never straddle epochs.
+    The last batch of an epoch may be short; batches never straddle epochs. Only the image of
+    tabular inputs is augmented.
     """
-    images_t, targets_t = tf.constant(images), tf.constant(targets)
-    count = len(images)
+    named = inputs if isinstance(inputs, dict) else {"image": inputs}
+    inputs_t, targets_t = {k: tf.constant(v) for k, v in named.items()}, tf.constant(targets)
+    count = input_count(inputs)
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         keys = tf.random.stateless_uniform([count], seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
         order = tf.data.Dataset.from_tensor_slices(tf.argsort(keys)).batch(batch_size)
         return order.enumerate().map(lambda batch, index: (epoch, batch, index))
 
-    def load(epoch: tf.Tensor, batch: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x, y = tf.gather(images_t, index), tf.gather(targets_t, index)
-        return augment(x, y, batch_seed(seed, epoch, batch)) if augment else (x, y)
+    def load(epoch: tf.Tensor, batch: tf.Tensor, index: tf.Tensor) -> tuple[object, tf.Tensor]:
+        x = {k: tf.gather(v, index) for k, v in inputs_t.items()}
+        y = tf.gather(targets_t, index)
+        if augment:
+            x["image"], y = augment(x["image"], y, batch_seed(seed, epoch, batch))
+        return (x if isinstance(inputs, dict) else x["image"]), y
 
     batches = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
     return batches.map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from medtransfer import atomic
 from medtransfer.data.manifest import build_manifest, targets
-from medtransfer.data.pipeline import load_images
+from medtransfer.data.pipeline import load_images, with_tabular
 from medtransfer.errors import SpecError
 from medtransfer.evaluation.metrics import compute_metrics
 from medtransfer.evaluation.plots import roc_figure
@@ -77,6 +77,8 @@ def evaluate(
         raise SpecError(
             f"{spec.origin}: classes: {spec.classes} differ from the model's {info.class_names}"
         )
+    if info.tabular:  # the model's own features, whatever the evaluation spec lists
+        spec = spec.model_copy(update={"tabular": list(info.tabular)})
     rows = _split_rows(spec, source, split)
     if rows.empty:
         raise SpecError(f"{spec.origin}: the {split} split has no images")
@@ -88,7 +90,7 @@ def evaluate(
         frames=info.frames,
         workers=workers,
     )
-    probabilities = predictor.predict_batch(images)
+    probabilities = predictor.predict_batch(with_tabular(images, rows, info.tabular))
     y = targets(rows, spec.classes)
     metrics = compute_metrics(y, probabilities, info.class_names, info.task, info.positive_class)
     metrics = {"split": split, "model": str(source.resolve()), **metrics}

@@ -3,11 +3,16 @@
 The model takes images in [0, 1] of any height and width with the spec's channel count, so the
 same graph serves training, evaluation and TF Serving. Binary tasks use a two-class softmax
 (mathematically a sigmoid) so every task returns one probability column per class.
+
+A spec with tabular features gets a model with named inputs: ``image`` and one per feature
+(numeric float32, NaN = missing; categorical string, "" = missing), encoded inside the graph
+and fused with the pooled image features before the head.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import keras
@@ -15,14 +20,19 @@ import numpy as np
 
 from medtransfer.errors import RunError, WeightsUnavailableError
 from medtransfer.models.backbones import build_backbone, get_backbone
-from medtransfer.models.layers import BackbonePreprocessing, ChannelAdapter
+from medtransfer.models.layers import BackbonePreprocessing, ChannelAdapter, StandardizeWithMissing
 from medtransfer.models.losses import MaskedAUC, MaskedBinaryAccuracy, MaskedMultilabelLoss
 from medtransfer.spec import Spec
 
 RUN_WEIGHTS = "run:"
+TABULAR_UNITS = 16
 
 
-def build_model(spec: Spec) -> keras.Model:
+def build_model(
+    spec: Spec, tabular_statistics: Mapping[str, tuple[float, float]] | None = None
+) -> keras.Model:
+    """The model for ``spec``; ``tabular_statistics`` (``medtransfer.data.tabular``) gives the
+    training mean and sd of each numeric tabular feature, which the model standardises with."""
     height, width = spec.image.size
     backbone_info = get_backbone(spec.model.backbone)
     inputs = keras.Input((None, None, spec.image.channels), name="image")
@@ -34,12 +44,46 @@ def build_model(spec: Spec) -> keras.Model:
     if spec.model.weights == "none":
         _fast_batchnorm_statistics(backbone)
     x = backbone(x)
+    if spec.tabular:
+        tabular_inputs, tabular = _tabular_branch(spec, tabular_statistics or {})
+        x = keras.layers.Concatenate(name="fusion")([x, tabular])
+        inputs = {"image": inputs, **tabular_inputs}
     x = keras.layers.Dropout(spec.model.dropout, name="head_dropout")(x)
     activation = "sigmoid" if spec.task == "multilabel" else "softmax"
     outputs = keras.layers.Dense(
         len(spec.classes), activation=activation, dtype="float32", name="probabilities"
     )(x)
     return keras.Model(inputs, outputs, name=f"medtransfer_{spec.name}")
+
+
+def _tabular_branch(
+    spec: Spec, statistics: Mapping[str, tuple[float, float]]
+) -> tuple[dict[str, keras.KerasTensor], keras.KerasTensor]:
+    """Named inputs and their encoding: numeric standardised plus a missing flag; categorical
+    one-hot over the spec's values plus one "other or missing" slot; then a small Dense layer,
+    so the tabular signal reaches the head at a scale comparable to the image features."""
+    inputs, encoded = {}, []
+    for feature in spec.tabular:
+        if feature.type == "numeric":
+            if feature.name not in statistics:
+                raise ValueError(f"no training statistics for numeric feature {feature.name!r}")
+            mean, std = statistics[feature.name]
+            inputs[feature.name] = keras.Input((1,), dtype="float32", name=feature.name)
+            layer = StandardizeWithMissing(mean, std, name=f"{feature.name}_standardize")
+        else:
+            inputs[feature.name] = keras.Input((1,), dtype="string", name=feature.name)
+            layer = keras.layers.StringLookup(
+                vocabulary=feature.values,
+                num_oov_indices=1,
+                output_mode="one_hot",
+                name=f"{feature.name}_lookup",
+            )
+        encoded.append(layer(inputs[feature.name]))
+    joined = (
+        keras.layers.Concatenate(name="tabular_concat")(encoded) if len(encoded) > 1 else encoded[0]
+    )
+    units = keras.layers.Dense(TABULAR_UNITS, activation="relu", name="tabular_dense")(joined)
+    return inputs, units
 
 
 def _backbone_with_weights(spec: Spec, input_shape: tuple[int, int, int]) -> keras.Model:

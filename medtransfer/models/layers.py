@@ -77,3 +77,32 @@ class BackbonePreprocessing(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="medtransfer")
+class StandardizeWithMissing(keras.layers.Layer):
+    """A numeric tabular input [N, 1] (NaN = missing) -> [N, 2]: standardised value, missing flag.
+
+    A missing value reads as the training mean (0 after standardising) and sets the flag, so the
+    head can learn what missingness itself means (an age left blank is not an average age). The
+    mean and standard deviation are the training split's, kept in the config: serving
+    standardises exactly as training did.
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean, self.std = float(mean), float(std)
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        missing = ops.isnan(x)
+        value = ops.where(missing, ops.zeros_like(x), (x - self.mean) / self.std)
+        return ops.concatenate([value, ops.cast(missing, x.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 2)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}

@@ -31,7 +31,8 @@ from matplotlib.figure import Figure
 from medtransfer import atomic
 from medtransfer.data.augment import make_augmenter
 from medtransfer.data.manifest import build_manifest
-from medtransfer.data.pipeline import load_split, make_training_dataset
+from medtransfer.data.pipeline import input_count, load_split, make_training_dataset
+from medtransfer.data.tabular import numeric_statistics
 from medtransfer.errors import MedtransferError
 from medtransfer.models.build import balanced_class_weights, build_model, make_loss
 from medtransfer.spec import Spec
@@ -272,20 +273,20 @@ def lr_find(
     _check_range(min_lr, max_lr, steps)
     chosen = _select_phase(spec, phase)
     keras.utils.set_random_seed(spec.training.seed)
-    images, labels = load_split(spec, build_manifest(spec), "train", workers=workers)
+    inputs, labels = load_split(spec, build_manifest(spec), "train", workers=workers)
 
-    model = build_model(spec)
+    model = build_model(spec, numeric_statistics(inputs, spec.tabular))
     chosen.apply(model, spec)
     optimizer = keras.optimizers.AdamW(
         learning_rate=float(min_lr), weight_decay=spec.training.weight_decay
     )
     model.compile(optimizer=optimizer, loss=make_loss(spec))
     dataset = make_training_dataset(  # as training sees it, augmentation included
-        images,
+        inputs,
         labels,
         batch_size=spec.training.batch_size,
         seed=spec.training.seed,
-        epochs=range(-(-steps // -(-len(images) // spec.training.batch_size))),
+        epochs=range(-(-steps // -(-input_count(inputs) // spec.training.batch_size))),
         augment=make_augmenter(spec),
     )
     class_weight = (

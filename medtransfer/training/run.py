@@ -24,7 +24,15 @@ import pandas as pd
 from medtransfer import atomic
 from medtransfer.data.augment import make_augmenter
 from medtransfer.data.manifest import build_manifest, fingerprint
-from medtransfer.data.pipeline import load_split, make_dataset, make_training_dataset
+from medtransfer.data.pipeline import (
+    Inputs,
+    input_count,
+    load_split,
+    make_dataset,
+    make_training_dataset,
+)
+from medtransfer.data.tabular import numeric_statistics
+from medtransfer.data.tabular import summary as tabular_summary
 from medtransfer.errors import RunError
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
@@ -199,6 +207,8 @@ def train(
         "best_epoch": best + 1,
         "best_val_auroc": float(val_auc[best]),
         "images": manifest["split"].value_counts().to_dict(),
+        "tabular": [feature.model_dump(mode="json") for feature in spec.tabular],
+        "tabular_summary": tabular_summary(manifest[manifest["split"] == "train"], spec.tabular),
         "data_fingerprint": state.data_fingerprint,
         "train_seconds": round(time.time() - started, 1),
         # this process's CPU time, all threads (decode worker processes not included)
@@ -216,16 +226,16 @@ def _fit_phases(
     out: Path,
     state: TrainingState,
     checkpoint: Checkpoint | None,
-    train_xy: tuple[np.ndarray, np.ndarray],
-    val_xy: tuple[np.ndarray, np.ndarray],
+    train_xy: tuple[Inputs, np.ndarray],
+    val_xy: tuple[Inputs, np.ndarray],
     callbacks: Sequence[keras.callbacks.Callback],
     plan: ExecutionPlan,
 ) -> list[Phase]:
     """Build the model and run the phases still to run, one ``model.fit`` each."""
     (train_x, train_y), (val_x, val_y) = train_xy, val_xy
     batch = spec.training.batch_size
-    steps = -(-len(train_x) // batch)
-    model = build_model(spec)
+    steps = -(-input_count(train_x) // batch)
+    model = build_model(spec, numeric_statistics(train_x, spec.tabular))
     early_stopping = (
         keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=spec.training.early_stopping_patience
