@@ -50,6 +50,16 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from medtransfer.training.run import train
     from medtransfer.training.seeds import train_seeds
@@ -112,6 +122,7 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtransfer.evaluation.clinical import ClinicalSettings
     from medtransfer.evaluation.report import evaluate
     from medtransfer.spec import load_spec
     from medtransfer.training.run import SPEC_FILE
@@ -128,9 +139,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     spec_path = args.spec or Path(args.model) / SPEC_FILE
     if not Path(spec_path).is_file():
         raise MedtransferError(f"no spec given and {spec_path} does not exist; pass --spec SPEC")
-    result = evaluate(args.model, load_spec(spec_path), **options)
+    settings = ClinicalSettings(
+        bootstrap_resamples=args.bootstrap,
+        seed=args.ci_seed,
+        target_sensitivity=args.target_sensitivity,
+        target_specificity=args.target_specificity,
+    )
+    result = evaluate(args.model, load_spec(spec_path), settings=settings, **options)
     print(result.summary())
-    print(f"report written to {result.out_dir} (metrics.json, predictions.csv, roc.png)")
+    print(f"report written to {result.out_dir} (report.html, metrics.json, predictions.csv, ...)")
     return EXIT_OK
 
 
@@ -270,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", required=True, help="report directory")
     evaluate.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    evaluate.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap resamples for AUROC intervals"
+    )
+    evaluate.add_argument("--ci-seed", type=int, default=0, help="bootstrap seed (default 0)")
+    evaluate.add_argument(
+        "--target-sensitivity", type=_fraction, default=0.95, help="operating point (0.95)"
+    )
+    evaluate.add_argument(
+        "--target-specificity", type=_fraction, default=0.95, help="operating point (0.95)"
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     export = verbs.add_parser("export", help="export a run as a TF Serving SavedModel")
@@ -281,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = verbs.add_parser("score", help="score every file under a folder into a CSV")
     score.add_argument("input_dir", metavar="INPUT_DIR")
     score.add_argument("--model", required=True, help="exported model or run directory")
-    score.add_argument("--out", required=True, help="scores.csv to write")
+    score.add_argument(
+        "--out", required=True, help="scores.csv to write (a .parquet name writes Parquet)"
+    )
     score.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--resume", action="store_true", help="keep rows already in --out")

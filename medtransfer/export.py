@@ -21,9 +21,12 @@ import tensorflow as tf
 from medtransfer import atomic
 from medtransfer.data.pipeline import resize_images
 from medtransfer.errors import ExportError
+from medtransfer.evaluation.report import THRESHOLDS_FILE
 from medtransfer.predictor import EXPORT_INFO, ModelInfo
 from medtransfer.spec import TabularFeature
 from medtransfer.training.run import EVALUATION_DIR, open_run
+
+EXPORT_THRESHOLDS = Path("assets.extra") / THRESHOLDS_FILE
 
 
 def _decode_png(size: tuple[int, int], channels: int):
@@ -85,6 +88,13 @@ def build_archive(model: keras.Model, info: ModelInfo) -> keras.export.ExportArc
     return archive
 
 
+def _card_metrics(metrics: dict | None) -> dict | None:
+    """The evaluation figures for the card, without the report's local paths."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if k != "model"}
+
+
 def _describe_feature(feature: TabularFeature) -> str:
     if feature.type == "numeric":
         kind = "float32 [batch], NaN = missing"
@@ -94,8 +104,14 @@ def _describe_feature(feature: TabularFeature) -> str:
     return f"{feature.name}: {kind}{source}"
 
 
-def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[str, dict]:
-    """The model card as Markdown and JSON: what the model is for and how it was checked."""
+def model_card(
+    info: ModelInfo, run_info: dict, metrics: dict | None, thresholds: dict | None = None
+) -> tuple[str, dict]:
+    """The model card as Markdown and JSON: what the model is for and how it was checked.
+
+    Only aggregate figures appear (counts, metrics, thresholds): no image path, patient key or
+    DICOM value, so the card can travel with the model.
+    """
     card = {
         "model": info.name,
         "task": info.task,
@@ -122,7 +138,8 @@ def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[s
             "best_epoch": run_info.get("best_epoch"),
             "best_val_auroc": run_info.get("best_val_auroc"),
         },
-        "evaluation": metrics,
+        "evaluation": _card_metrics(metrics),
+        "decision_thresholds": thresholds,
         "versions": run_info.get("versions"),
         "intended_use": "Research and clinical-evaluation use on images like the training data. "
         "Not a medical device; a clinician reviews every output.",
@@ -152,6 +169,18 @@ def model_card(info: ModelInfo, run_info: dict, metrics: dict | None) -> tuple[s
             f"- Evaluation ({metrics.get('split', '?')} split, n={metrics.get('n_images')}):"
             f" AUROC {auroc}, accuracy {metrics.get('accuracy')}"
         )
+        for name, d in (metrics.get("discrimination") or {}).items():
+            if d.get("auroc_ci_delong"):
+                low, high = d["auroc_ci_delong"]
+                lines.append(f"  - {name}: AUROC {d['auroc']:.4f} (95% CI {low:.4f}-{high:.4f})")
+    if thresholds:
+        lines.append(
+            f"- Decision thresholds (chosen on {thresholds['chosen_on']}, applied as "
+            f"{thresholds['rule']}), in `{EXPORT_THRESHOLDS}`:"
+        )
+        for name, points in thresholds["thresholds"].items():
+            listed = ", ".join(f"{point} {value:.4f}" for point, value in points.items())
+            lines.append(f"  - {name}: {listed}")
     lines += ["", "## Intended use", card["intended_use"], "", "## Limitations"]
     lines += [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Versions", *[f"- {k}: {v}" for k, v in (card["versions"] or {}).items()]]
@@ -169,15 +198,20 @@ def export_model(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = 
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
     info = ModelInfo.from_run_info(run.info)
-    metrics_file = Path(run_dir) / EVALUATION_DIR / "metrics_test.json"
+    evaluation = Path(run_dir) / EVALUATION_DIR
+    metrics_file = evaluation / "metrics_test.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    thresholds_file = evaluation / THRESHOLDS_FILE
+    thresholds = json.loads(thresholds_file.read_text()) if thresholds_file.is_file() else None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         build_archive(run.load_model(), info).write_out(str(staging / "model"), verbose=False)
         built = staging / "model"
         atomic.write_text(built / EXPORT_INFO, json.dumps(info.to_json(), indent=2))
-        markdown, card = model_card(info, run.info, metrics)
+        if thresholds is not None:
+            atomic.write_text(built / EXPORT_THRESHOLDS, json.dumps(thresholds, indent=2))
+        markdown, card = model_card(info, run.info, metrics, thresholds)
         atomic.write_text(built / "model_card.md", markdown)
         atomic.write_text(built / "model_card.json", json.dumps(card, indent=2))
         if target.exists():

@@ -199,11 +199,11 @@ def _from_csv(spec: Spec) -> pd.DataFrame:
     }
     if source.split_column:
         columns["split"] = _split_values(table[source.split_column], spec)
-    columns |= _tabular_columns(spec, table, lambda tags: _read_tags(paths, tags))
+    columns |= _tabular_columns(spec, table, lambda tags: read_tags(paths, tags))
     return _frame(paths, _labels_from_csv(table, spec), spec, **columns)
 
 
-def _read_tags(paths: list[str], tags: list[str]) -> pd.DataFrame:
+def read_tags(paths: list[str], tags: list[str]) -> pd.DataFrame:
     """Columns ``_<tag>`` with each file's tag values ("" when absent or not a DICOM file)."""
     rows = []
     for path in paths:

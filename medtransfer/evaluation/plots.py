@@ -94,3 +94,32 @@ def image_grid_figure(
             ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def reliability_figure(calibration: dict, title: str = "Reliability") -> Figure:
+    """Observed frequency against mean predicted probability per bin (the diagonal is perfect),
+    before and, when fitted, after temperature scaling; bar heights show how many images each
+    bin holds, so an empty or tiny bin is not over-read."""
+    fig = Figure(figsize=(5, 5.6), dpi=110)
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    shown = [("uncalibrated", "model")]
+    if "temperature_scaled" in calibration:
+        shown.append(("temperature_scaled", f"T = {calibration['temperature']:.2f}"))
+    for key, label in shown:
+        bins = calibration[key]["bins"]
+        predicted = np.array(bins["mean_predicted"], dtype=float)
+        observed = np.array(bins["observed_frequency"], dtype=float)
+        keep = ~np.isnan(predicted)
+        ece = calibration[key]["ece"]
+        ax.plot(
+            predicted[keep], observed[keep], marker="o", lw=1.5, label=f"{label} (ECE {ece:.3f})"
+        )
+    bins = calibration["uncalibrated"]["bins"]
+    low, high = np.array(bins["bin_low"]), np.array(bins["bin_high"])
+    counts.bar(low, bins["count"], width=high - low, align="edge", color="lightgrey", ec="grey")
+    ax.set(ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    counts.set(xlabel="predicted probability", ylabel="images")
+    fig.tight_layout()
+    return fig

@@ -12,17 +12,35 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from medtransfer import atomic
-from medtransfer.data.manifest import build_manifest, targets
+from medtransfer.data.manifest import NPZ_SEPARATOR, build_manifest, read_tags, targets
 from medtransfer.data.pipeline import load_images, with_tabular
+from medtransfer.data.tabular import column_name
 from medtransfer.errors import SpecError
+from medtransfer.evaluation.clinical import (
+    SUBGROUP_TAGS,
+    ClinicalSettings,
+    age_band,
+    balanced_accuracy,
+    calibration,
+    choose_operating_points,
+    discrimination,
+    fit_calibration_temperature,
+    operating_points,
+    reported_classes,
+    subgroups,
+)
+from medtransfer.evaluation.html_report import render_report
 from medtransfer.evaluation.metrics import compute_metrics
-from medtransfer.evaluation.plots import roc_figure
+from medtransfer.evaluation.plots import reliability_figure, roc_figure
 from medtransfer.predictor import load_predictor
 from medtransfer.spec import Spec
 from medtransfer.training.run import EVALUATION_DIR, MANIFEST_FILE, RUN_FILE
+
+THRESHOLDS_FILE = "thresholds.json"
 
 
 @dataclass(frozen=True)
@@ -40,13 +58,27 @@ class Evaluation:
         lines = [f"{m['split']} split: {m['n_images']} images"]
         per_class = m["auroc"]["per_class"]
         shown = [m["positive_class"]] if m["task"] == "binary" else list(per_class)
+        level = round(100 * m["clinical_settings"]["level"])
         for name in shown:
             value = per_class[name]
-            lines.append(f"  AUROC {name:<20} {'n/a' if value is None else f'{value:.4f}'}")
+            d = m["discrimination"].get(name, {})
+            ci = d.get("auroc_ci_delong")
+            interval = f"  ({level}% CI {ci[0]:.4f}-{ci[1]:.4f}, DeLong)" if ci else ""
+            lines.append(
+                f"  AUROC {name:<20} {'n/a' if value is None else f'{value:.4f}'}{interval}"
+            )
         if m["task"] != "binary":
             macro = m["auroc"]["macro"]
             lines.append(f"  AUROC {'(macro)':<20} {'n/a' if macro is None else f'{macro:.4f}'}")
         lines.append(f"  accuracy {m['accuracy']:.4f} ({m['accuracy_definition']})")
+        for name, points in m["operating_points"].items():
+            youden = points.get("youden")
+            if youden and youden["sensitivity"] is not None and youden["specificity"] is not None:
+                lines.append(
+                    f"  {name} at the Youden threshold from val ({youden['threshold']:.4f}): "
+                    f"sensitivity {youden['sensitivity']:.3f}, "
+                    f"specificity {youden['specificity']:.3f}"
+                )
         return "\n".join(lines)
 
 
@@ -61,6 +93,43 @@ def _split_rows(spec: Spec, model_dir: Path, split: str) -> pd.DataFrame:
     return manifest[manifest["split"] == split]
 
 
+def _predict(predictor, rows: pd.DataFrame, workers: int | None) -> np.ndarray:
+    info = predictor.info
+    images = load_images(
+        rows,
+        info.image_size,
+        info.channels,
+        window=info.window,
+        frames=info.frames,
+        workers=workers,
+    )
+    return predictor.predict_batch(with_tabular(images, rows, info.tabular))
+
+
+def _subgroup_columns(rows: pd.DataFrame, tabular) -> dict[str, list[str]]:
+    """What the images can be grouped by: site, categorical features, age bands and the
+    non-identifying DICOM tags in ``SUBGROUP_TAGS``; missing values form their own group."""
+    columns = {"site": rows["site"].astype(str).replace("", "missing").tolist()}
+    for feature in tabular:
+        values = rows[column_name(feature.name)]
+        if feature.type == "categorical":
+            columns[feature.name] = values.replace("", "missing").tolist()
+        elif feature.name == "age":
+            columns["age"] = [age_band(v) for v in values.astype(float)]
+    files = [p for p in rows["path"] if NPZ_SEPARATOR not in p]
+    if len(files) == len(rows):
+        tags = read_tags(files, list(SUBGROUP_TAGS))
+        for tag in SUBGROUP_TAGS:
+            columns[tag] = tags[f"_{tag}"].replace("", "missing").tolist()
+    return columns
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def evaluate(
     model_dir: str | Path,
     spec: Spec,
@@ -68,8 +137,16 @@ def evaluate(
     split: str = "test",
     out_dir: str | Path,
     workers: int | None = None,
+    settings: ClinicalSettings | None = None,
 ) -> Evaluation:
-    """Predict one split and write metrics.json, predictions.csv and roc.png to ``out_dir``."""
+    """Predict one split and write the report: metrics.json, predictions.csv, thresholds.json,
+    roc.png, reliability.png and a self-contained report.html, in ``out_dir``.
+
+    The validation split is predicted too: operating points and the calibration temperature
+    are chosen there and applied unchanged to ``split``. For a run directory the thresholds
+    are also kept in the run (``evaluation/thresholds.json``), where ``export`` picks them up.
+    """
+    settings = settings or ClinicalSettings()
     source = Path(model_dir)
     predictor = load_predictor(source)
     info = predictor.info
@@ -82,22 +159,45 @@ def evaluate(
     rows = _split_rows(spec, source, split)
     if rows.empty:
         raise SpecError(f"{spec.origin}: the {split} split has no images")
-    images = load_images(
-        rows,
-        info.image_size,
-        info.channels,
-        window=info.window,
-        frames=info.frames,
-        workers=workers,
-    )
-    probabilities = predictor.predict_batch(with_tabular(images, rows, info.tabular))
+    probabilities = _predict(predictor, rows, workers)
     y = targets(rows, spec.classes)
-    metrics = compute_metrics(y, probabilities, info.class_names, info.task, info.positive_class)
+    classes, task, positive = info.class_names, info.task, info.positive_class
+    metrics = compute_metrics(y, probabilities, classes, task, positive)
     metrics = {"split": split, "model": str(source.resolve()), **metrics}
     metrics["n_patients"] = int(rows["patient"].nunique())
+    metrics["balanced_accuracy"] = balanced_accuracy(y, probabilities, task)
+    metrics["clinical_settings"] = settings.to_json()
+    metrics["discrimination"] = discrimination(
+        y, probabilities, classes, task, positive, settings, rows["patient"].to_numpy()
+    )
+
+    val_rows = rows if split == "val" else _split_rows(spec, source, "val")
+    thresholds, temperature = {}, None
+    if not val_rows.empty:
+        p_val = probabilities if split == "val" else _predict(predictor, val_rows, workers)
+        y_val = targets(val_rows, spec.classes)
+        thresholds = choose_operating_points(y_val, p_val, classes, task, positive, settings)
+        temperature = fit_calibration_temperature(y_val, p_val, task)
+    metrics["operating_points"] = operating_points(y, probabilities, classes, thresholds, settings)
+    positive_index = classes.index(positive or classes[-1])
+    metrics["calibration"] = calibration(
+        y, probabilities, task, positive_index, settings, temperature
+    )
+    headline = reported_classes(classes, task, positive)[0]
+    metrics["subgroups_class"] = headline
+    metrics["subgroups"] = subgroups(
+        _subgroup_columns(rows, info.tabular), y, probabilities, classes.index(headline), settings
+    )
+    threshold_record = {
+        "chosen_on": "val",
+        "rule": "probability >= threshold",
+        "thresholds": thresholds,
+        "temperature": temperature,
+        "settings": settings.to_json(),
+    }
 
     predictions = rows[["path", "patient", "site", "label"]].reset_index(drop=True)
-    for k, name in enumerate(info.class_names):
+    for k, name in enumerate(classes):
         predictions[f"prob_{name}"] = probabilities[:, k]
 
     out = Path(out_dir)
@@ -105,17 +205,21 @@ def evaluate(
     text = json.dumps(metrics, indent=2)
     atomic.write_text(out / "metrics.json", text)
     atomic.write_text(out / "predictions.csv", predictions.to_csv(index=False))
-    figure = roc_figure(
-        y,
-        probabilities,
-        info.class_names,
-        task=info.task,
-        positive_class=info.positive_class,
-        title=f"{info.name}: ROC on {split} (n={len(y)})",
-    )
-    png = io.BytesIO()
-    figure.savefig(png, format="png")
-    atomic.write_bytes(out / "roc.png", png.getvalue())
+    atomic.write_text(out / THRESHOLDS_FILE, json.dumps(threshold_record, indent=2))
+    title = f"{info.name}: {split} split (n={len(y)})"
+    figures = {
+        "ROC": _png(roc_figure(y, probabilities, classes, task=task, positive_class=positive,
+                               title=f"{info.name}: ROC on {split} (n={len(y)})")),
+    }  # fmt: skip
+    if "uncalibrated" in metrics["calibration"]:
+        figures["Reliability"] = _png(reliability_figure(metrics["calibration"], title=title))
+    atomic.write_bytes(out / "roc.png", figures["ROC"])
+    if "Reliability" in figures:
+        atomic.write_bytes(out / "reliability.png", figures["Reliability"])
+    atomic.write_text(out / "report.html", render_report(metrics, figures, title))
     if (source / RUN_FILE).is_file():
         atomic.write_text(source / EVALUATION_DIR / f"metrics_{split}.json", text)
+        atomic.write_text(
+            source / EVALUATION_DIR / THRESHOLDS_FILE, json.dumps(threshold_record, indent=2)
+        )
     return Evaluation(metrics, predictions, out)

@@ -1,0 +1,148 @@
+"""The clinical evaluation report: intervals, operating points chosen on val and applied to test,
+calibration, subgroups, and a self-contained report.html, checked against independent
+computations from the written predictions."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import softmax
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from medtransfer.evaluation.clinical import (
+    ClinicalSettings,
+    age_band,
+    calibration,
+    fit_calibration_temperature,
+    rank_auroc,
+    subgroups,
+)
+from medtransfer.evaluation.report import THRESHOLDS_FILE, evaluate
+from medtransfer.evaluation.stats import choose_threshold
+from medtransfer.spec import load_spec
+from medtransfer.training.run import EVALUATION_DIR, SPEC_FILE
+
+SETTINGS = ClinicalSettings(bootstrap_resamples=300, target_sensitivity=0.9)
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_run, tmp_path_factory):
+    spec = load_spec(tiny_run / SPEC_FILE)
+    out = tmp_path_factory.mktemp("reports")
+    return {
+        split: evaluate(tiny_run, spec, split=split, out_dir=out / split, settings=SETTINGS)
+        for split in ("val", "test")
+    }
+
+
+def labels_and_scores(evaluation, positive="spot"):
+    p = evaluation.predictions
+    return (p["label"] == positive).to_numpy().astype(int), p[f"prob_{positive}"].to_numpy()
+
+
+def test_operating_points_are_chosen_on_val_and_applied_unchanged_to_test(reports):
+    y_val, p_val = labels_and_scores(reports["val"])
+    y_test, p_test = labels_and_scores(reports["test"])
+    points = reports["test"].metrics["operating_points"]["spot"]
+    assert list(points) == ["youden", "sensitivity_0.9", "specificity_0.95", "fixed_0.5"]
+    for name, (rule, value) in SETTINGS.rules().items():
+        threshold = choose_threshold(y_val, p_val, rule, value)
+        assert points[name]["threshold"] == threshold, name
+        called = p_test >= threshold
+        assert points[name]["tp"] == int(np.sum(called & (y_test == 1))), name
+        assert points[name]["tn"] == int(np.sum(~called & (y_test == 0))), name
+    # the validation report's own points are the same thresholds (chosen on val either way)
+    same = reports["val"].metrics["operating_points"]["spot"]
+    assert {k: v["threshold"] for k, v in same.items()} == {
+        k: v["threshold"] for k, v in points.items()
+    }
+
+
+def test_auroc_and_auprc_equal_scikit_learns_on_the_written_predictions(reports):
+    y, p = labels_and_scores(reports["test"])
+    d = reports["test"].metrics["discrimination"]["spot"]
+    assert d["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert d["auprc"] == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    assert (d["n_positive"], d["n_negative"]) == (int(y.sum()), int(len(y) - y.sum()))
+    low, high = d["auroc_ci_delong"]
+    assert 0 <= low <= d["auroc"] <= high <= 1
+    assert d["bootstrap_unit"] == "image"  # one image per patient in this dataset
+
+
+def test_thresholds_are_kept_in_the_run_for_export(reports, tiny_run):
+    written = json.loads((reports["test"].out_dir / THRESHOLDS_FILE).read_text())
+    kept = json.loads((tiny_run / EVALUATION_DIR / THRESHOLDS_FILE).read_text())
+    assert written == kept and written["chosen_on"] == "val"
+    points = reports["test"].metrics["operating_points"]["spot"]
+    assert written["thresholds"]["spot"] == {k: v["threshold"] for k, v in points.items()}
+    assert written["temperature"] > 0
+
+
+def test_report_html_is_self_contained(reports):
+    html = (reports["test"].out_dir / "report.html").read_text()
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 2  # ROC and reliability
+    assert "<script" not in html and "http" not in html.replace("http-equiv", "")
+    assert "Operating points" in html and "youden" in html and "Wilson" in html
+    summary = reports["test"].summary()
+    assert "95% CI" in summary and "Youden threshold from val" in summary
+
+
+def test_rank_auroc_equals_scikit_learn_with_ties():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200) + 0.3 * y, 1)  # coarse scores: many ties
+    assert rank_auroc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def test_subgroups_count_exactly_and_flag_small_groups():
+    y = np.array([1] * 12 + [0] * 12 + [1] * 3 + [0] * 3, float)
+    score = np.r_[np.linspace(0.6, 0.9, 12), np.linspace(0.1, 0.4, 12), [0.2] * 3, [0.8] * 3]
+    y2, p2 = np.stack([1 - y, y], 1), np.stack([1 - score, score], 1)
+    sites = {"site": ["A"] * 24 + ["B"] * 6, "one_value": ["x"] * 30}
+    out = subgroups(sites, y2, p2, 1, ClinicalSettings())
+    assert list(out) == ["site"]  # a column with one value says nothing
+    a, b = out["site"]["A"], out["site"]["B"]
+    assert (a["n_images"], a["n_positive"], a["n_negative"], a["auroc"]) == (24, 12, 12, 1.0)
+    assert (b["n_images"], b["n_positive"], b["n_negative"], b["auroc"]) == (6, 3, 3, 0.0)
+    assert not a["small"] and b["small"]
+
+
+def test_age_bands():
+    ages = [0, 17.9, 18, 39, 40, 79.5, 80, 101, float("nan")]
+    assert [age_band(a) for a in ages] == [
+        "0-17", "0-17", "18-39", "18-39", "40-59", "60-79", "80+", "80+", "missing"
+    ]  # fmt: skip
+
+
+def test_temperature_fitted_on_val_lowers_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (4000, 2))
+    y = np.eye(2)[[rng.choice(2, p=q) for q in softmax(logits, axis=1)]]
+    overconfident = softmax(3 * logits, axis=1)  # true temperature 3
+    temperature = fit_calibration_temperature(y[:2000], overconfident[:2000], "binary")
+    assert temperature == pytest.approx(3, rel=0.1)
+    result = calibration(y[2000:], overconfident[2000:], "binary", 1, ClinicalSettings(),
+                         temperature)  # fmt: skip
+    assert result["temperature_scaled"]["ece"] < result["uncalibrated"]["ece"] / 2
+    bins = pd.DataFrame(result["uncalibrated"]["bins"])
+    assert bins["count"].sum() == 2000 and len(bins) == 10
+
+
+def test_export_carries_the_thresholds_as_an_asset_and_in_the_model_card(
+    reports, tiny_run, tmp_path
+):
+    from medtransfer.export import EXPORT_THRESHOLDS, export_model
+
+    exported = export_model(tiny_run, tmp_path / "tiny" / "1")
+    written = json.loads((reports["test"].out_dir / THRESHOLDS_FILE).read_text())
+    assert json.loads((exported / EXPORT_THRESHOLDS).read_text()) == written
+    card = (exported / "model_card.json").read_text()
+    assert json.loads(card)["decision_thresholds"] == written
+    assert str(tmp_path.parent) not in card and str(tiny_run) not in card  # no local paths
+    markdown = (exported / "model_card.md").read_text()
+    youden = written["thresholds"]["spot"]["youden"]
+    assert f"youden {youden:.4f}" in markdown and "95% CI" in markdown
