@@ -45,6 +45,7 @@ __all__ = [
     "FolderError",
     "FolderPool",
     "Outcome",
+    "ParquetOutput",
     "check_paths",
     "crawl",
     "describe",
@@ -280,6 +281,14 @@ def _outcome(job: _Job) -> Outcome:
 # --- the output file ------------------------------------------------------------------------------
 
 
+def _csv_records(path: Path) -> list[list[str]]:
+    """A CSV file's records, without a torn last line (a run killed mid-write)."""
+    with open(path, **CSV_FILE) as handle:
+        text = handle.read()
+    records = list(csv.reader(io.StringIO(text)))
+    return records if text.endswith("\r\n") else records[:-1]
+
+
 class CsvOutput:
     """``out`` written through ``<out>.partial``: rows are appended (and flushed) as they come,
     so a killed run loses at most the rows not yet written; the finished file replaces ``out``
@@ -342,14 +351,12 @@ class CsvOutput:
 
     def _read_previous(self) -> list[list[str]]:
         """Rows of an interrupted (partial) or finished (out) earlier run; partial is newer."""
-        source = self.partial if self.partial.exists() else self.out
-        if not source.exists():
+        if self.partial.exists():
+            source, records = self.partial, _csv_records(self.partial)
+        elif self.out.exists():
+            source, records = self.out, self._finished_records()
+        else:
             return []
-        with open(source, **CSV_FILE) as handle:
-            text = handle.read()
-        records = list(csv.reader(io.StringIO(text)))
-        if not text.endswith("\r\n"):
-            records = records[:-1]  # torn last line of a killed run
         if not records:
             return []
         if records[0] != self.columns:
@@ -358,6 +365,10 @@ class CsvOutput:
                 f"{self.columns}; write to a new output or run without resume"
             )
         return self._valid_prefix(records[1:])
+
+    def _finished_records(self) -> list[list[str]]:
+        """The header and rows of a finished output, as text."""
+        return _csv_records(self.out)
 
     def _valid_prefix(self, records: list[list[str]]) -> list[list[str]]:
         """Keep rows up to the first one that is torn or malformed: dropping a good row only costs
@@ -370,3 +381,37 @@ class CsvOutput:
             seen.add(row[0])
             kept.append(row)
         return kept
+
+
+class ParquetOutput(CsvOutput):
+    """As ``CsvOutput``, but the finished table is Parquet, with ``float_columns`` as float32
+    (empty cells become nulls). The partial file stays CSV: appendable row by row and readable
+    after a kill. Needs pyarrow (``pip install medtransfer[parquet]``).
+    """
+
+    def __init__(self, out: Path, columns: list[str], *, float_columns: Iterable[str], **kw: Any):
+        self.float_columns = [c for c in columns if c in set(float_columns)]
+        super().__init__(out, columns, **kw)
+
+    def _finalise(self, stale: set[str]) -> None:
+        import pandas as pd
+
+        table = pd.read_csv(self.partial, dtype=str, keep_default_na=False)
+        table = table[~table[self.columns[0]].isin(stale)]
+        for column in self.float_columns:
+            table[column] = pd.to_numeric(table[column].replace("", None)).astype("float32")
+        with atomic.replace_on_success(self.out, "wb") as handle:
+            table.to_parquet(handle, index=False)
+        self.partial.unlink()
+
+    def _finished_records(self) -> list[list[str]]:
+        import numpy as np
+        import pandas as pd
+
+        table = pd.read_parquet(self.out)
+        for column in self.float_columns:  # back to the shortest text of the same float32
+            table[column] = [
+                "" if np.isnan(v) else np.format_float_positional(v, unique=True, trim="-")
+                for v in table[column].to_numpy(np.float32)
+            ]
+        return [list(table.columns), *table.astype(str).to_numpy().tolist()]

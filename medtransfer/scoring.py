@@ -31,6 +31,7 @@ from medtransfer.folder_pool import (
     FolderError,
     FolderPool,
     Outcome,
+    ParquetOutput,
     check_paths,
     crawl,
     describe,
@@ -136,6 +137,10 @@ def score_folder(
 ) -> ScoreSummary:
     """Score every file under ``input_dir`` into ``out_csv`` (see the ``scores.csv`` contract).
 
+    An ``out_csv`` ending in ``.parquet`` gets the same rows as a Parquet table (probabilities
+    as float32, empty for error rows as nulls); rows are still appended to a CSV partial file
+    while scoring runs, so resuming works the same.
+
     Unreadable files become error rows rather than exceptions: one bad file in an archive must not
     stop the other thousands. ``workers=0`` decodes in this process, for debugging.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
@@ -146,7 +151,12 @@ def score_folder(
     start = time.monotonic()
     root, out = check_paths(input_dir, out_csv)
     columns = [*BASE_COLUMNS, *_prob_columns(predictor.class_names)]
-    output = CsvOutput(out, columns, resume=resume, row_is_valid=_row_is_valid)
+    options = {"resume": resume, "row_is_valid": _row_is_valid}
+    output = (
+        ParquetOutput(out, columns, float_columns=columns[len(BASE_COLUMNS) :], **options)
+        if out.suffix.lower() == ".parquet"
+        else CsvOutput(out, columns, **options)
+    )
     pool = FolderPool(
         root,
         _decode_file,

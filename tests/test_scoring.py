@@ -391,3 +391,32 @@ def test_a_prediction_failure_costs_only_that_files_row(tmp_path: Path) -> None:
 def test_importing_scoring_does_not_import_tensorflow() -> None:
     code = "import sys, medtransfer.scoring; sys.exit('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_parquet_output_holds_the_csv_rows_typed_and_resumes(tmp_path: Path) -> None:
+    import pandas as pd
+
+    folder = make_small_folder(tmp_path / "in", n_png=6)
+    csv_out, parquet_out = tmp_path / "scores.csv", tmp_path / "scores.parquet"
+    score_folder(folder, MeanPredictor(), csv_out, workers=0, progress=False)
+    summary = score_folder(folder, MeanPredictor(), parquet_out, workers=0, progress=False)
+    table = pd.read_parquet(parquet_out)
+    expected = pd.read_csv(csv_out, dtype=str, keep_default_na=False)
+    assert table["prob_high"].dtype == np.float32 and summary.n_error == 2
+    assert table["path"].tolist() == expected["path"].tolist()
+    assert table["status"].tolist() == expected["status"].tolist()
+    for column in ("prob_low", "prob_high"):  # the same float32 values; errors are nulls
+        want = pd.to_numeric(expected[column].replace("", None)).astype(np.float32)
+        assert np.array_equal(table[column].to_numpy(), want.to_numpy(), equal_nan=True)
+    assert not (tmp_path / "scores.parquet.partial").exists()
+
+    write_png(folder / "new.png", 9)
+    again = score_folder(folder, MeanPredictor(), parquet_out, workers=0, resume=True,
+                         progress=False)  # fmt: skip
+    assert (again.n_files, again.n_resumed) == (summary.n_files + 1, summary.n_files)
+    resumed = pd.read_parquet(parquet_out)
+    assert (
+        resumed.drop(index=resumed.index[resumed["path"] == "new.png"])
+        .reset_index(drop=True)
+        .equals(table)
+    )
