@@ -7,6 +7,7 @@ spec, or inputs the command cannot work with (reported in one line, no traceback
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -145,16 +146,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         target_sensitivity=args.target_sensitivity,
         target_specificity=args.target_specificity,
     )
-    result = evaluate(args.model, load_spec(spec_path), settings=settings, **options)
+    spec = load_spec(spec_path)
+    result = evaluate(args.model, spec, settings=settings, tta=args.tta, **options)
     print(result.summary())
     print(f"report written to {result.out_dir} (report.html, metrics.json, predictions.csv, ...)")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from medtransfer import atomic
+    from medtransfer.evaluation.compare import compare_reports, comparison_summary
+
+    result = compare_reports(args.report_a, args.report_b)
+    print(comparison_summary(result, args.report_a, args.report_b))
+    if args.out:
+        atomic.write_text(args.out, json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from medtransfer.training.ensemble import create_ensemble
+
+    path = create_ensemble(args.runs, args.out, method=args.method, overwrite=args.overwrite)
+    print(f"ensemble of {len(args.runs)} runs ({args.method}) written to {path}; evaluate and "
+          "export it like any run")  # fmt: skip
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from medtransfer.export import export_model
 
-    path = export_model(args.run, args.out, overwrite=args.overwrite)
+    path = export_model(args.run, args.out, overwrite=args.overwrite, tta=args.tta)
     print(f"SavedModel written to {path} (signatures: serving_default, predict_png)")
     return EXIT_OK
 
@@ -184,6 +206,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary = inspect_folder(args.input_dir, args.out, **options)
     print(summary)
     return summary.exit_code
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    from medtransfer.evaluation.sites import site_report
+    from medtransfer.spec import load_spec
+
+    report = site_report(
+        load_spec(args.spec),
+        args.out,
+        model=args.model,
+        workers=args.workers,
+        max_per_site=args.max_per_site,
+        seed=args.seed,
+    )
+    print(report.summary())
+    return EXIT_OK
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -297,12 +335,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--target-specificity", type=_fraction, default=0.95, help="operating point (0.95)"
     )
+    evaluate.add_argument(
+        "--tta", action="store_true", help="average over test-time views (a run directory only)"
+    )
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = verbs.add_parser(
+        "compare", help="paired DeLong test of two evaluation reports on the same images"
+    )
+    compare.add_argument("report_a", metavar="REPORT_A")
+    compare.add_argument("report_b", metavar="REPORT_B")
+    compare.add_argument("--out", help="also write the comparison as JSON")
+    compare.set_defaults(func=cmd_compare)
+
+    ensemble = verbs.add_parser("ensemble", help="combine runs into one model (a run directory)")
+    ensemble.add_argument("runs", metavar="RUN_DIR", nargs="+")
+    ensemble.add_argument("--method", choices=["mean", "weighted", "vote"], default="mean")
+    ensemble.add_argument("--out", required=True, help="the ensemble's run directory")
+    ensemble.add_argument("--overwrite", action="store_true")
+    ensemble.set_defaults(func=cmd_ensemble)
 
     export = verbs.add_parser("export", help="export a run as a TF Serving SavedModel")
     export.add_argument("run", metavar="RUN_DIR")
     export.add_argument("--out", required=True, help="DIR/NAME/VERSION, e.g. models/cxr/1")
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    export.add_argument(
+        "--tta", action="store_true", help="build test-time augmentation into the graph"
+    )
     export.set_defaults(func=cmd_export)
 
     score = verbs.add_parser("score", help="score every file under a folder into a CSV")
@@ -326,6 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--resume", action="store_true", help="keep rows already in --out")
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
     inspect.set_defaults(func=cmd_inspect)
+
+    sites = verbs.add_parser(
+        "sites",
+        help="compare the data's sites: counts, intensities, DICOM tags, label prevalence, "
+        "how separable they are",
+    )
+    sites.add_argument("--spec", required=True, help="data spec YAML (with data.site_column)")
+    sites.add_argument("--out", required=True, help="folder for sites.json and the PNG figures")
+    sites.add_argument(
+        "--model",
+        metavar="RUN_DIR",
+        help="take features from this run's backbone (default: the spec's backbone and "
+        "weights; weights none gives random features)",
+    )
+    sites.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    sites.add_argument(
+        "--max-per-site", type=int, default=1000, help="images per site for pixels/features"
+    )
+    sites.add_argument("--seed", type=int, default=0, help="sample and CV folds seed (0)")
+    sites.set_defaults(func=cmd_sites)
 
     quick = verbs.add_parser(
         "quickstart", help="generate a DICOM demo dataset and run the whole pipeline on it"

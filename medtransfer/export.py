@@ -21,7 +21,8 @@ import tensorflow as tf
 from medtransfer import atomic
 from medtransfer.data.pipeline import resize_images
 from medtransfer.errors import ExportError
-from medtransfer.evaluation.report import THRESHOLDS_FILE
+from medtransfer.evaluation.report import THRESHOLDS_FILE, thresholds_file_name
+from medtransfer.models.tta import may_mirror, tta_model
 from medtransfer.predictor import EXPORT_INFO, ModelInfo
 from medtransfer.spec import TabularFeature
 from medtransfer.training.run import EVALUATION_DIR, open_run
@@ -187,7 +188,9 @@ def model_card(
     return "\n".join(lines) + "\n", card
 
 
-def export_model(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def export_model(
+    run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, tta: bool = False
+) -> Path:
     """Write ``out_dir`` (``…/NAME/VERSION``) as a SavedModel plus model card, atomically.
 
     The SavedModel is built in a temporary sibling folder and renamed into place, so TF Serving,
@@ -199,19 +202,29 @@ def export_model(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = 
         raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
     info = ModelInfo.from_run_info(run.info)
     evaluation = Path(run_dir) / EVALUATION_DIR
-    metrics_file = evaluation / "metrics_test.json"
+    metrics_file = evaluation / f"metrics_test{'_tta' if tta else ''}.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    thresholds_file = evaluation / THRESHOLDS_FILE
+    thresholds_file = evaluation / thresholds_file_name(tta)
     thresholds = json.loads(thresholds_file.read_text()) if thresholds_file.is_file() else None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        build_archive(run.load_model(), info).write_out(str(staging / "model"), verbose=False)
+        model = run.load_model()
+        if tta:
+            model = tta_model(model, mirror=may_mirror(run.spec.modality))
+        build_archive(model, info).write_out(str(staging / "model"), verbose=False)
         built = staging / "model"
         atomic.write_text(built / EXPORT_INFO, json.dumps(info.to_json(), indent=2))
         if thresholds is not None:
             atomic.write_text(built / EXPORT_THRESHOLDS, json.dumps(thresholds, indent=2))
         markdown, card = model_card(info, run.info, metrics, thresholds)
+        if tta:
+            card["test_time_augmentation"] = "built in: probabilities averaged over the views " + (
+                "identity, central 90% zoom, and both mirrored"
+                if may_mirror(run.spec.modality)
+                else "identity and central 90% zoom (not mirrored: radiograph)"
+            )
+            markdown += f"\n## Test-time augmentation\n{card['test_time_augmentation']}\n"
         atomic.write_text(built / "model_card.md", markdown)
         atomic.write_text(built / "model_card.json", json.dumps(card, indent=2))
         if target.exists():

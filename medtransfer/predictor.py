@@ -18,6 +18,7 @@ import tensorflow as tf
 from medtransfer.data.pipeline import Inputs, input_count, to_model_input
 from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
+from medtransfer.models.tta import may_mirror, tta_model
 from medtransfer.spec import TabularFeature
 from medtransfer.training.run import RUN_FILE, open_run
 
@@ -42,7 +43,7 @@ class ModelInfo:
     def from_run_info(cls, info: dict[str, Any]) -> ModelInfo:
         image = info["image"]
         return cls(
-            tabular=tuple(TabularFeature(**f) for f in info.get("tabular", [])),
+            tabular=tuple(TabularFeature(**f) for f in info.get("tabular") or []),
             name=info["name"],
             task=info["task"],
             class_names=list(info["classes"]),
@@ -160,12 +161,24 @@ class SavedModelPredictor(Predictor):
         return self._serve(**arguments)["probabilities"].numpy()
 
 
-def load_predictor(path: str | Path, batch_size: int = 32) -> Predictor:
-    """A predictor for a run directory (``run.json``) or an export (``saved_model.pb``)."""
+def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False) -> Predictor:
+    """A predictor for a run directory (``run.json``) or an export (``saved_model.pb``).
+
+    ``tta`` averages a run's model over test-time views (``medtransfer.models.tta``); an
+    export is a fixed graph, so TTA there is chosen when exporting (``export --tta``).
+    """
     source = Path(path)
     if (source / RUN_FILE).is_file():
         run = open_run(source)
-        return KerasPredictor(run.load_model(), ModelInfo.from_run_info(run.info), batch_size)
+        model = run.load_model()
+        if tta:
+            model = tta_model(model, mirror=may_mirror(run.spec.modality))
+        return KerasPredictor(model, ModelInfo.from_run_info(run.info), batch_size)
+    if tta:
+        raise ExportError(
+            f"{source}: test-time augmentation needs the run directory (or an export made "
+            "with export --tta, which has it built in)"
+        )
     if (source / "saved_model.pb").is_file():
         info_file = source / EXPORT_INFO
         if not info_file.is_file():

@@ -43,6 +43,11 @@ from medtransfer.training.run import EVALUATION_DIR, MANIFEST_FILE, RUN_FILE
 THRESHOLDS_FILE = "thresholds.json"
 
 
+def thresholds_file_name(tta: bool) -> str:
+    """Where a run keeps the thresholds of its plain or its test-time-augmented model."""
+    return "thresholds_tta.json" if tta else THRESHOLDS_FILE
+
+
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict
@@ -138,6 +143,7 @@ def evaluate(
     out_dir: str | Path,
     workers: int | None = None,
     settings: ClinicalSettings | None = None,
+    tta: bool = False,
 ) -> Evaluation:
     """Predict one split and write the report: metrics.json, predictions.csv, thresholds.json,
     roc.png, reliability.png and a self-contained report.html, in ``out_dir``.
@@ -145,10 +151,12 @@ def evaluate(
     The validation split is predicted too: operating points and the calibration temperature
     are chosen there and applied unchanged to ``split``. For a run directory the thresholds
     are also kept in the run (``evaluation/thresholds.json``), where ``export`` picks them up.
+    ``tta`` evaluates the model averaged over test-time views (``medtransfer.models.tta``);
+    its thresholds are then the TTA model's, for an export made with ``--tta``.
     """
     settings = settings or ClinicalSettings()
     source = Path(model_dir)
-    predictor = load_predictor(source)
+    predictor = load_predictor(source, tta=tta)
     info = predictor.info
     if list(spec.classes) != info.class_names:
         raise SpecError(
@@ -165,6 +173,7 @@ def evaluate(
     metrics = compute_metrics(y, probabilities, classes, task, positive)
     metrics = {"split": split, "model": str(source.resolve()), **metrics}
     metrics["n_patients"] = int(rows["patient"].nunique())
+    metrics["tta"] = tta
     metrics["balanced_accuracy"] = balanced_accuracy(y, probabilities, task)
     metrics["clinical_settings"] = settings.to_json()
     metrics["discrimination"] = discrimination(
@@ -198,6 +207,8 @@ def evaluate(
 
     predictions = rows[["path", "patient", "site", "label"]].reset_index(drop=True)
     for k, name in enumerate(classes):
+        predictions[f"y_{name}"] = y[:, k]  # 1, 0, or empty where a label is unknown
+    for k, name in enumerate(classes):
         predictions[f"prob_{name}"] = probabilities[:, k]
 
     out = Path(out_dir)
@@ -218,8 +229,7 @@ def evaluate(
         atomic.write_bytes(out / "reliability.png", figures["Reliability"])
     atomic.write_text(out / "report.html", render_report(metrics, figures, title))
     if (source / RUN_FILE).is_file():
-        atomic.write_text(source / EVALUATION_DIR / f"metrics_{split}.json", text)
-        atomic.write_text(
-            source / EVALUATION_DIR / THRESHOLDS_FILE, json.dumps(threshold_record, indent=2)
-        )
+        kept = source / EVALUATION_DIR
+        atomic.write_text(kept / f"metrics_{split}{'_tta' if tta else ''}.json", text)
+        atomic.write_text(kept / thresholds_file_name(tta), json.dumps(threshold_record, indent=2))
     return Evaluation(metrics, predictions, out)
