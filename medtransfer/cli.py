@@ -176,7 +176,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from medtransfer.export import export_model
 
-    path = export_model(args.run, args.out, overwrite=args.overwrite, tta=args.tta)
+    path = export_model(
+        args.run, args.out, overwrite=args.overwrite, tta=args.tta, calibrate=args.calibrated
+    )
     print(f"SavedModel written to {path} (signatures: serving_default, predict_png)")
     return EXIT_OK
 
@@ -361,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     export.add_argument(
         "--tta", action="store_true", help="build test-time augmentation into the graph"
+    )
+    export.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="apply the temperature fitted at evaluation (validation split) inside the graph",
     )
     export.set_defaults(func=cmd_export)
 

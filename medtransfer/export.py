@@ -16,12 +16,14 @@ import tempfile
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from medtransfer import atomic
 from medtransfer.data.pipeline import resize_images
 from medtransfer.errors import ExportError
 from medtransfer.evaluation.report import THRESHOLDS_FILE, thresholds_file_name
+from medtransfer.models.layers import TemperatureScaling
 from medtransfer.models.tta import may_mirror, tta_model
 from medtransfer.predictor import EXPORT_INFO, ModelInfo
 from medtransfer.spec import TabularFeature
@@ -188,8 +190,49 @@ def model_card(
     return "\n".join(lines) + "\n", card
 
 
+def calibrated(model: keras.Model, thresholds: dict | None, task: str) -> tuple:
+    """The model with the evaluation's temperature applied, and thresholds that still mean the
+    same decisions: for a binary task each threshold is mapped through the same monotone
+    transform (exactly the same images are called positive); a multiclass task's one-vs-rest
+    thresholds have no such map and are dropped (re-evaluate to choose new ones)."""
+    temperature = (thresholds or {}).get("temperature")
+    if task == "multilabel" or temperature is None:
+        raise ExportError(
+            "--calibrated needs a binary or multiclass run evaluated first (the temperature is "
+            "fitted on its validation split): run medtransfer evaluate on it"
+        )
+    scaling = TemperatureScaling(temperature, name="calibrated_probabilities")
+    named = model.input if isinstance(model.input, dict) else {"image": model.input}
+    inputs = {k: keras.Input(t.shape[1:], dtype=t.dtype, name=k) for k, t in named.items()}
+    x = inputs if isinstance(model.input, dict) else inputs["image"]
+    wrapped = keras.Model(x, scaling(model(x)), name=f"{model.name}_calibrated")
+    mapped = {**thresholds, "calibrated_with_temperature": temperature}
+    if task == "binary":
+        mapped["thresholds"] = {
+            name: {point: _scaled_threshold(t, temperature) for point, t in points.items()}
+            for name, points in thresholds["thresholds"].items()
+        }
+    else:
+        mapped["thresholds"] = {}
+    return wrapped, mapped
+
+
+def _scaled_threshold(threshold: float, temperature: float) -> float:
+    """A binary positive-class threshold after temperature scaling: sigmoid(logit(t) / T)."""
+    if threshold <= 0 or threshold > 1 or not np.isfinite(threshold):
+        return float(threshold)  # 0 (all positive) and inf (none) keep their meaning
+    if threshold == 1:
+        return 1.0
+    return float(1 / (1 + np.exp(-np.log(threshold / (1 - threshold)) / temperature)))
+
+
 def export_model(
-    run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, tta: bool = False
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    tta: bool = False,
+    calibrate: bool = False,
 ) -> Path:
     """Write ``out_dir`` (``…/NAME/VERSION``) as a SavedModel plus model card, atomically.
 
@@ -212,6 +255,8 @@ def export_model(
         model = run.load_model()
         if tta:
             model = tta_model(model, mirror=may_mirror(run.spec.modality))
+        if calibrate:
+            model, thresholds = calibrated(model, thresholds, info.task)
         build_archive(model, info).write_out(str(staging / "model"), verbose=False)
         built = staging / "model"
         atomic.write_text(built / EXPORT_INFO, json.dumps(info.to_json(), indent=2))
@@ -225,6 +270,12 @@ def export_model(
                 else "identity and central 90% zoom (not mirrored: radiograph)"
             )
             markdown += f"\n## Test-time augmentation\n{card['test_time_augmentation']}\n"
+        if calibrate:
+            card["calibration"] = (
+                f"temperature scaling inside the graph, T = {thresholds['temperature']:.4f}, "
+                "fitted on the validation split; thresholds mapped to the calibrated scale"
+            )
+            markdown += f"\n## Calibration\n{card['calibration']}\n"
         atomic.write_text(built / "model_card.md", markdown)
         atomic.write_text(built / "model_card.json", json.dumps(card, indent=2))
         if target.exists():

@@ -146,3 +146,29 @@ def test_export_carries_the_thresholds_as_an_asset_and_in_the_model_card(
     markdown = (exported / "model_card.md").read_text()
     youden = written["thresholds"]["spot"]["youden"]
     assert f"youden {youden:.4f}" in markdown and "95% CI" in markdown
+
+
+def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
+    reports, tiny_run, tmp_path
+):
+    import tensorflow as tf
+
+    from medtransfer.evaluation.stats import apply_temperature, probabilities_to_logits
+    from medtransfer.export import EXPORT_THRESHOLDS, export_model
+    from medtransfer.training.run import open_run
+
+    written = json.loads((reports["test"].out_dir / THRESHOLDS_FILE).read_text())
+    temperature = written["temperature"]
+    exported = export_model(tiny_run, tmp_path / "cal" / "1", calibrate=True)
+    images = np.random.default_rng(2).random((16, 32, 32, 1)).astype(np.float32)
+    raw = open_run(tiny_run).load_model()(images, training=False).numpy()
+    served = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    calibrated = served(image=tf.constant(images))["probabilities"].numpy()
+    expected = apply_temperature(probabilities_to_logits(raw), temperature)
+    np.testing.assert_allclose(calibrated, expected, atol=1e-5)
+    mapped = json.loads((exported / EXPORT_THRESHOLDS).read_text())
+    assert mapped["calibrated_with_temperature"] == temperature
+    for point, threshold in written["thresholds"]["spot"].items():
+        new = mapped["thresholds"]["spot"][point]
+        assert np.array_equal(raw[:, 1] >= threshold, calibrated[:, 1] >= new - 1e-6), point
+    assert f"T = {temperature:.4f}" in (exported / "model_card.md").read_text()

@@ -106,3 +106,29 @@ class StandardizeWithMissing(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+@keras.saving.register_keras_serializable(package="medtransfer")
+class TemperatureScaling(keras.layers.Layer):
+    """Softmax probabilities [N, K] -> softmax(log(p) / T): temperature scaling (Guo et al.
+    2017) applied to a model's output, with T fitted on the validation split at evaluation.
+
+    ``log(p)`` equals the logits up to a per-row constant, which softmax ignores; T > 1 softens
+    an overconfident model without changing any ranking or argmax.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def call(self, inputs):
+        logits = ops.log(ops.clip(ops.cast(inputs, "float32"), 1e-12, 1.0))
+        return ops.softmax(logits / self.temperature, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
