@@ -12,8 +12,9 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The decode cache defaults to ~/.cache/medtransfer; tests (and the CLI and notebook processes
 # they start, which inherit this) keep theirs in a throwaway folder.
+# One per process: pytest-xdist workers each keep (and remove) their own.
 _TEST_CACHE = tempfile.mkdtemp(prefix="medtransfer-test-cache-")
-os.environ.setdefault("MEDTRANSFER_CACHE", _TEST_CACHE)
+os.environ["MEDTRANSFER_CACHE"] = _TEST_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -84,7 +84,9 @@ def test_thresholds_are_kept_in_the_run_for_export(reports, tiny_run):
 
 def test_report_html_is_self_contained(reports):
     html = (reports["test"].out_dir / "report.html").read_text()
-    assert len(re.findall(r"src='data:image/png;base64,", html)) == 2  # ROC and reliability
+    # ROC, reliability and the Grad-CAM overlays
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 3
+    assert (reports["test"].out_dir / "gradcam.png").is_file()
     assert "<script" not in html and "http" not in html.replace("http-equiv", "")
     assert "Operating points" in html and "youden" in html and "Wilson" in html
     summary = reports["test"].summary()
@@ -172,3 +174,12 @@ def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
         new = mapped["thresholds"]["spot"][point]
         assert np.array_equal(raw[:, 1] >= threshold, calibrated[:, 1] >= new - 1e-6), point
     assert f"T = {temperature:.4f}" in (exported / "model_card.md").read_text()
+
+
+def test_explained_examples_are_the_most_confident_hits_and_misses():
+    from medtransfer.evaluation.report import explained_examples
+
+    p = np.array([0.95, 0.9, 0.6, 0.3, 0.1, 0.8, 0.7, 0.2, 0.05])
+    y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0], float)
+    picks = explained_examples(np.stack([1 - p, p], 1), np.stack([1 - y, y], 1), 1, 0.5, 2)
+    assert picks == [("TP", 0), ("TP", 1), ("FP", 5), ("FP", 6), ("FN", 4), ("FN", 3)]

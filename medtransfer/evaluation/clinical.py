@@ -43,6 +43,7 @@ class ClinicalSettings:
     target_specificity: float = 0.95
     fixed_threshold: float = 0.5
     calibration_bins: int = 10
+    gradcam_examples: int = 3  # per kind (TP, FP, FN) in the report; 0 for none
 
     def rules(self) -> dict[str, tuple[str, float | None]]:
         """Operating point name -> (rule, value) for ``stats.choose_threshold``."""

@@ -129,6 +129,45 @@ def _subgroup_columns(rows: pd.DataFrame, tabular) -> dict[str, list[str]]:
     return columns
 
 
+def explained_examples(
+    probabilities: np.ndarray, y: np.ndarray, k: int, threshold: float, n: int
+) -> list[tuple[str, int]]:
+    """(kind, row) of the most confident true positives and false positives and the clearest
+    false negatives for class ``k`` at ``threshold``: the cases a reader wants to see."""
+    p, positive = probabilities[:, k], y[:, k] == 1
+    called = p >= threshold
+    picks = []
+    for kind, mask, descending in (
+        ("TP", positive & called, True),
+        ("FP", ~positive & called & ~np.isnan(y[:, k]), True),
+        ("FN", positive & ~called, False),
+    ):
+        index = np.flatnonzero(mask)
+        order = index[np.argsort(-p[index] if descending else p[index], kind="stable")]
+        picks += [(kind, int(i)) for i in order[:n]]
+    return picks
+
+
+def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n):
+    """Grad-CAM overlays of the examples above, or None for a model without one backbone
+    (ensembles, TTA models) or an export (no layers left to explain)."""
+    from medtransfer.evaluation.gradcam import cam_overlay_figure, grad_cam
+
+    model = getattr(predictor, "model", None)
+    if model is None or "backbone" not in [layer.name for layer in model.layers]:
+        return None
+    info, k = predictor.info, predictor.info.class_names.index(class_name)
+    picks = explained_examples(probabilities, y, k, threshold, n)
+    if not picks:
+        return None
+    chosen = rows.iloc[[i for _, i in picks]]
+    images = load_images(chosen, info.image_size, info.channels, window=info.window,
+                         frames=info.frames, workers=0)  # fmt: skip
+    heatmaps = grad_cam(model, with_tabular(images, chosen, info.tabular), k)
+    titles = [f"{kind} P={probabilities[i, k]:.2f}" for kind, i in picks]
+    return cam_overlay_figure(images, heatmaps, titles, columns=min(len(picks), 2 * n))
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -224,6 +263,15 @@ def evaluate(
     }  # fmt: skip
     if "uncalibrated" in metrics["calibration"]:
         figures["Reliability"] = _png(reliability_figure(metrics["calibration"], title=title))
+    if settings.gradcam_examples:
+        cut = thresholds.get(headline, {}).get("youden", 0.5)
+        cams = _gradcam_figure(
+            predictor, rows, probabilities, y, headline, cut, settings.gradcam_examples
+        )
+        if cams is not None:
+            caption = f"Grad-CAM ({headline}): most confident TP, FP and clearest FN"
+            figures[caption] = _png(cams)
+            atomic.write_bytes(out / "gradcam.png", figures[caption])
     atomic.write_bytes(out / "roc.png", figures["ROC"])
     if "Reliability" in figures:
         atomic.write_bytes(out / "reliability.png", figures["Reliability"])
