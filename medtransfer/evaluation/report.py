@@ -151,7 +151,7 @@ def explained_examples(
 def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n):
     """Grad-CAM overlays of the examples above, or None for a model without one backbone
     (ensembles, TTA models) or an export (no layers left to explain)."""
-    from medtransfer.evaluation.gradcam import cam_overlay_figure, grad_cam
+    from medtransfer.evaluation.gradcam import cam_overlay_figure, grad_cam, localising_layer
 
     model = getattr(predictor, "model", None)
     if model is None or "backbone" not in [layer.name for layer in model.layers]:
@@ -163,7 +163,8 @@ def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n)
     chosen = rows.iloc[[i for _, i in picks]]
     images = load_images(chosen, info.image_size, info.channels, window=info.window,
                          frames=info.frames, workers=0)  # fmt: skip
-    heatmaps = grad_cam(model, with_tabular(images, chosen, info.tabular), k)
+    inputs = with_tabular(images, chosen, info.tabular)
+    heatmaps = grad_cam(model, inputs, k, layer=localising_layer(model))
     titles = [f"{kind} P={probabilities[i, k]:.2f}" for kind, i in picks]
     return cam_overlay_figure(images, heatmaps, titles, columns=min(len(picks), 2 * n))
 
