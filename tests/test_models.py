@@ -141,3 +141,17 @@ def test_pipeline_resize_is_the_models_own_resize():
         image = RNG.random(shape, dtype=np.float32)
         in_graph = np.asarray(resize(image[None, ..., None]))
         np.testing.assert_allclose(to_model_input([image], (32, 32), 1), in_graph, atol=1e-6)
+
+
+def test_a_bare_call_is_inference_and_leaves_batchnorm_statistics_alone():
+    """Keras' Resizing defaults to training=True, which as the first layer made ``model(x)`` run
+    BatchNormalization in training mode and overwrite its moving averages."""
+    model = build_model(tiny_spec())
+    x = np.random.default_rng(0).random((4, 40, 40, 1)).astype("float32")
+    statistics = [w.numpy().copy() for w in model.non_trainable_weights]
+    bare = np.asarray(model(x))
+    assert np.array_equal(bare, np.asarray(model(x, training=False)))
+    assert all(
+        np.array_equal(a, w.numpy())
+        for a, w in zip(statistics, model.non_trainable_weights, strict=True)
+    )

@@ -20,7 +20,12 @@ import numpy as np
 
 from medtransfer.errors import RunError, WeightsUnavailableError
 from medtransfer.models.backbones import build_backbone, get_backbone
-from medtransfer.models.layers import BackbonePreprocessing, ChannelAdapter, StandardizeWithMissing
+from medtransfer.models.layers import (
+    BackbonePreprocessing,
+    ChannelAdapter,
+    ModelResizing,
+    StandardizeWithMissing,
+)
 from medtransfer.models.losses import MaskedAUC, MaskedBinaryAccuracy, MaskedMultilabelLoss
 from medtransfer.spec import Spec
 
@@ -36,7 +41,7 @@ def build_model(
     height, width = spec.image.size
     backbone_info = get_backbone(spec.model.backbone)
     inputs = keras.Input((None, None, spec.image.channels), name="image")
-    x = keras.layers.Resizing(height, width, antialias=True, name="resize")(inputs)
+    x = ModelResizing(height, width, antialias=True, name="resize")(inputs)
     x = ChannelAdapter(3, name="to_rgb")(x)
     x = BackbonePreprocessing(backbone_info.preprocessing, name="backbone_preprocessing")(x)
     backbone = _backbone_with_weights(spec, (height, width, 3))

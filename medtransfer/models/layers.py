@@ -16,6 +16,19 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 @keras.saving.register_keras_serializable(package="medtransfer")
+class ModelResizing(keras.layers.Resizing):
+    """Keras' ``Resizing`` with a ``training`` argument that defaults to None.
+
+    Keras' preprocessing layers declare ``training=True``; as a model's first layer that default
+    becomes the whole call's, so a bare ``model(x)`` ran BatchNormalization in training mode
+    (batch statistics, and the moving averages overwritten). Resizing itself is deterministic.
+    """
+
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=bool(training))
+
+
+@keras.saving.register_keras_serializable(package="medtransfer")
 class ChannelAdapter(keras.layers.Layer):
     """Turn 1-channel images into the 3 channels an ImageNet backbone expects (or back).
 
