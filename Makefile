@@ -19,7 +19,7 @@ demo: venv
 	$(BIN)/medtransfer quickstart --out demo_out
 
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not bench"
+	$(BIN)/python -m pytest -m "not slow and not bench" -n 2 --dist loadfile
 
 test-all: venv
 	$(BIN)/python -m pytest

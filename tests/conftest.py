@@ -74,3 +74,34 @@ def tiny_run(tmp_path_factory) -> Path:
         base_dir=root,
     )
     return train(spec, root / "run", workers=0).path
+
+
+NOTEBOOK_SETTINGS = {
+    "MT_NB_PATIENTS": "24",
+    "MT_NB_EPOCHS": "1",
+    "MT_NB_IMAGE_SIZE": "32",
+    "MT_NB_BACKBONE": "mobilenetv3small",
+}
+
+
+def run_notebook(path: Path, tmp_path: Path, monkeypatch) -> None:
+    """Execute a notebook with small settings; it must show figures and write under MT_NB_OUT."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    settings = {**NOTEBOOK_SETTINGS, "MT_NB_OUT": str(tmp_path / "out")}
+    for key, value in {**settings, "MT_NB_SHARED": str(SHARED_DATA)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
+    images = [
+        o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
+    assert len(images) >= 4, "the notebook should show its figures inline"
+    assert os.listdir(tmp_path / "out"), "the notebook should write its outputs under MT_NB_OUT"
