@@ -22,6 +22,7 @@ CLI = Path(sys.executable).parent / "medtransfer"
 FAST = {"backbone": "mobilenetv3small"}
 
 
+@pytest.mark.slow  # ~45 s; the CLI path is covered on DICOM data by test_cli.py
 def test_breastmnist_cli_train_then_evaluate_on_the_test_split(tmp_path):
     spec = REPO / "data_specs" / "breastmnist.yaml"
     common = {"capture_output": True, "text": True, "timeout": 600}
