@@ -47,6 +47,7 @@ _LAZY = {
     "load_predictor": "medtransfer.predictor",
     "score_folder": "medtransfer.scoring",
     "inspect_folder": "medtransfer.inspect",
+    "site_report": "medtransfer.evaluation.sites",
     "CT_WINDOWS": "medtransfer.io.dicom",
     "run_quickstart": "medtransfer.quickstart",
 }

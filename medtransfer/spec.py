@@ -234,6 +234,65 @@ class AugmentationSpec(_Strict):
         return value
 
 
+AdaptationMethod = Literal["none", "dann", "coral", "mmd", "adabn"]
+
+
+class DomainAdaptationSpec(_Strict):
+    """Train at one hospital, work at another (``medtransfer.training.domain``).
+
+    Sites are the manifest's ``site`` values (``data.site_column``, or ``data.site_tag`` for a
+    DICOM folder). ``source`` sites give the labelled training images (default for ``method:
+    none``: every site not in ``target``); ``target`` sites give unlabelled training images to
+    adapt to (their labels are never used for training; they are evaluated like any other
+    site). ``dann``, ``coral`` and ``mmd`` align the pooled backbone features of source and
+    target batches during training (loss = task + ``weight`` * alignment); ``adabn`` trains
+    on source alone, then re-estimates BatchNormalization statistics on the target images.
+    ``validation`` picks the images that choose the best epoch: ``source`` (default: needs no
+    target labels), ``target`` or ``all`` (both use target labels to choose the epoch).
+    """
+
+    method: AdaptationMethod = "none"
+    source: list[str] = Field(default_factory=list)
+    target: list[str] = Field(default_factory=list)
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    validation: Literal["source", "target", "all"] = "source"
+
+    @field_validator("source", "target", mode="before")
+    @classmethod
+    def _site_names(cls, value: Any) -> Any:
+        # YAML reads a site called 2 as a number; sites are compared as the manifest's text.
+        if isinstance(value, list):
+            return [
+                str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                for v in value
+            ]
+        return value
+
+    @model_validator(mode="after")
+    def _sites_make_sense(self) -> DomainAdaptationSpec:
+        for role in ("source", "target"):
+            names = getattr(self, role)
+            if len(set(names)) != len(names):
+                raise ValueError(f"{role} lists a site twice: {names}")
+        if self.method != "none" and (not self.source or not self.target):
+            raise ValueError(
+                f"method {self.method} needs both source and target sites (non-empty lists)"
+            )
+        both = sorted(set(self.source) & set(self.target))
+        if both:
+            raise ValueError(
+                f"site(s) {both} are both source and target; the lists must not overlap"
+            )
+        if self.validation == "target" and not self.target:
+            raise ValueError("validation: target needs target sites")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether training differs from a plain run (sites restricted or adaptation on)."""
+        return self.method != "none" or bool(self.source or self.target)
+
+
 # Identifiers and dates that must never become model inputs (they would ride into exports).
 _PHI_TAGS = frozenset(
     {
@@ -313,6 +372,7 @@ class Spec(_Strict):
     training: TrainingSpec = TrainingSpec()
     augmentation: AugmentationSpec = AugmentationSpec()
     tabular: list[TabularFeature] = Field(default_factory=list)
+    domain_adaptation: DomainAdaptationSpec = DomainAdaptationSpec()
     source_file: Path | None = None
 
     @model_validator(mode="after")
@@ -338,6 +398,18 @@ class Spec(_Strict):
                 raise ValueError(
                     "tabular features need a table per image: data.format manifest or dicom_folder"
                 )
+        adaptation = self.domain_adaptation
+        if adaptation.active and not (self.data.site_column or self.data.site_tag):
+            raise ValueError(
+                "domain_adaptation names sites, but the data has none: set data.site_column "
+                "(manifest) or data.site_tag (dicom_folder)"
+            )
+        if adaptation.method != "none" and self.tabular:
+            raise ValueError(
+                f"domain_adaptation method {adaptation.method} does not support tabular "
+                "features yet (the alignment and AdaBN work on image features only); remove "
+                "tabular or use method: none"
+            )
         return self
 
     @property

@@ -36,6 +36,7 @@ from medtransfer.data.tabular import numeric_statistics
 from medtransfer.errors import MedtransferError
 from medtransfer.models.build import balanced_class_weights, build_model, make_loss
 from medtransfer.spec import Spec
+from medtransfer.training.domain import labelled_rows
 from medtransfer.training.schedule import Phase, plan_phases
 
 CSV_FILE = "lr_find.csv"
@@ -273,7 +274,9 @@ def lr_find(
     _check_range(min_lr, max_lr, steps)
     chosen = _select_phase(spec, phase)
     keras.utils.set_random_seed(spec.training.seed)
-    inputs, labels = load_split(spec, build_manifest(spec), "train", workers=workers)
+    # with domain_adaptation, only the source sites' labels train (the task loss alone is tested)
+    labelled = labelled_rows(spec, build_manifest(spec))
+    inputs, labels = load_split(spec, labelled, "train", workers=workers)
 
     model = build_model(spec, numeric_statistics(inputs, spec.tabular))
     chosen.apply(model, spec)

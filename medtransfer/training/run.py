@@ -29,13 +29,13 @@ from medtransfer.data.pipeline import (
     input_count,
     load_split,
     make_dataset,
-    make_training_dataset,
 )
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.data.tabular import summary as tabular_summary
 from medtransfer.errors import RunError
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
+from medtransfer.training import domain
 from medtransfer.training.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -108,7 +108,7 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (RUN_FILE, MODEL_FILE, HISTORY_FILE, CHECKPOINT_FILE):
+    for stale in (RUN_FILE, MODEL_FILE, HISTORY_FILE, CHECKPOINT_FILE, domain.SOURCE_MODEL_FILE):
         (out / stale).unlink(missing_ok=True)
 
 
@@ -171,8 +171,12 @@ def train(
     if state.data_fingerprint != data_fingerprint:
         raise RunError(f"the data behind {out} changed since the run started; it cannot resume")
 
-    train_x, train_y = load_split(spec, manifest, "train", workers=workers)
-    val_x, val_y = load_split(spec, manifest, "val", workers=workers)
+    # Domain adaptation: labels train from the source sites only; target images come unlabelled.
+    domain.check_sites(spec, manifest)
+    labelled = domain.labelled_rows(spec, manifest)
+    train_x, train_y = load_split(spec, labelled, "train", workers=workers)
+    val_x, val_y = load_split(spec, domain.validation_rows(spec, manifest), "val", workers=workers)
+    target_x = domain.load_target_images(spec, manifest, workers=workers)
     if checkpoint is None:
         atomic.write_text(out / SPEC_FILE, dump_spec(spec))
         atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
@@ -181,8 +185,19 @@ def train(
 
     with strategy.scope():  # model and optimizer variables live on the strategy's devices
         phases = _fit_phases(
-            spec, out, state, checkpoint, (train_x, train_y), (val_x, val_y), callbacks, plan
+            spec,
+            out,
+            state,
+            checkpoint,
+            (train_x, train_y),
+            (val_x, val_y),
+            callbacks,
+            plan,
+            target_x,
         )
+        adabn = None
+        if spec.domain_adaptation.method == "adabn":  # the best model, re-normalised for target
+            adabn = domain.apply_adabn(out / MODEL_FILE, target_x)
     val_auc = state.val_auc
     best = int(np.nanargmax(val_auc))
     info = {
@@ -212,6 +227,14 @@ def train(
         "images": manifest["split"].value_counts().to_dict(),
         "tabular": [feature.model_dump(mode="json") for feature in spec.tabular],
         "tabular_summary": tabular_summary(manifest[manifest["split"] == "train"], spec.tabular),
+        "domain_adaptation": domain.run_info(
+            spec,
+            manifest,
+            input_count(train_x),
+            input_count(val_x),
+            0 if target_x is None else len(target_x),
+            adabn,
+        ),
         "data_fingerprint": state.data_fingerprint,
         "train_seconds": round(time.time() - started, 1),
         # this process's CPU time, all threads (decode worker processes not included)
@@ -233,12 +256,18 @@ def _fit_phases(
     val_xy: tuple[Inputs, np.ndarray],
     callbacks: Sequence[keras.callbacks.Callback],
     plan: ExecutionPlan,
+    target_x: np.ndarray | None = None,
 ) -> list[Phase]:
-    """Build the model and run the phases still to run, one ``model.fit`` each."""
+    """Build the model and run the phases still to run, one ``model.fit`` each.
+
+    ``model.keras`` is always the classifier ``build_model`` makes; with feature alignment,
+    ``fit`` trains a ``DomainAdaptationModel`` around it (``medtransfer.training.domain``).
+    """
     (train_x, train_y), (val_x, val_y) = train_xy, val_xy
     batch = spec.training.batch_size
     steps = -(-input_count(train_x) // batch)
-    model = build_model(spec, numeric_statistics(train_x, spec.tabular))
+    classifier = build_model(spec, numeric_statistics(train_x, spec.tabular))
+    model = domain.training_model(classifier, spec)
     early_stopping = (
         keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=spec.training.early_stopping_patience
@@ -247,7 +276,8 @@ def _fit_phases(
         else None
     )
     standing = [
-        keras.callbacks.ModelCheckpoint(
+        domain.BestClassifierCheckpoint(
+            classifier,
             out / MODEL_FILE,
             monitor="val_auc",
             mode="max",
@@ -257,6 +287,7 @@ def _fit_phases(
         keras.callbacks.CSVLogger(out / HISTORY_FILE, append=True),  # one file across phases
         keras.callbacks.TensorBoard(out / LOGS_DIR),
         *([early_stopping] if early_stopping else []),
+        *domain.training_callbacks(model, spec, steps),
     ]
     val_data = make_dataset(val_x, val_y, batch_size=batch)
     augment = make_augmenter(spec)
@@ -282,21 +313,25 @@ def _fit_phases(
         if checkpoint is not None:  # the first phase after a restart
             checkpoint.restore(model, optimizer=state.phase_epochs > 0)
             checkpoint = None
+        if not model.optimizer.built:  # built inside fit, the train step would be traced twice
+            model.optimizer.build(model.trainable_variables)
         first, last = state.epochs, state.epochs + phase.epochs - state.phase_epochs
         if len(state.phase_starts) == index:  # this phase starts now (not resumed mid-way)
             state.phase_starts.append(first)
-        seed = spec.training.seed
         saver = EpochCheckpoint(out, state, phase.epochs, early_stopping)
+        train_data, fit_class_weight = domain.training_dataset(
+            spec,
+            train_x,
+            train_y,
+            target_x,
+            epochs=range(first, last),
+            steps_per_epoch=steps,
+            augment=augment,
+            class_weight=class_weight,
+        )
         try:
             model.fit(
-                make_training_dataset(
-                    train_x,
-                    train_y,
-                    batch_size=batch,
-                    seed=seed,
-                    epochs=range(first, last),
-                    augment=augment,
-                ),
+                train_data,
                 validation_data=val_data,
                 initial_epoch=first,
                 epochs=last,
@@ -307,7 +342,7 @@ def _fit_phases(
                     saver,
                     *callbacks,
                 ],
-                class_weight=class_weight,
+                class_weight=fit_class_weight,
                 verbose=2,
             )
         finally:

@@ -29,7 +29,7 @@ class Phase:
 
     def apply(self, model: keras.Model, spec: Spec) -> None:
         """Set ``trainable`` on the backbone's layers for this phase (recompile afterwards)."""
-        backbone = model.get_layer(BACKBONE_LAYER)
+        backbone = find_backbone(model)
         if self.name == "full":
             backbone.trainable = True
         elif self.name == "head":
@@ -43,6 +43,19 @@ class Phase:
                 tune.unfreeze,
                 train_batchnorm=tune.trains_batchnorm(spec.model.weights),
             )
+
+
+def find_backbone(model: keras.Model) -> keras.Model:
+    """The layer named ``backbone``: a direct layer of a model ``build_model`` made, or nested
+    inside a wrapper such as ``DomainAdaptationModel`` (whose feature extractor holds it)."""
+    try:
+        return model.get_layer(BACKBONE_LAYER)
+    except ValueError:
+        pass
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if layer.name == BACKBONE_LAYER and isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"model {model.name!r} has no layer named {BACKBONE_LAYER!r}")
 
 
 def plan_phases(spec: Spec) -> list[Phase]:
