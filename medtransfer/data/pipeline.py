@@ -186,7 +186,13 @@ def load_split(
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise DataError(f"{spec.origin}: no images in the {split} split")
-    images = load_images(
+    images = load_spec_images(spec, rows, workers=workers)
+    return with_tabular(images, rows, spec.tabular), targets(rows, spec.classes)
+
+
+def load_spec_images(spec: Spec, rows: pd.DataFrame, *, workers: int | None = None) -> np.ndarray:
+    """The images of manifest ``rows`` at the spec's size, channels, window and frame policy."""
+    return load_images(
         rows,
         spec.image.size,
         spec.image.channels,
@@ -194,7 +200,6 @@ def load_split(
         frames=spec.image.frames,
         workers=workers,
     )
-    return with_tabular(images, rows, spec.tabular), targets(rows, spec.classes)
 
 
 def with_tabular(

@@ -43,7 +43,7 @@ from scipy.stats import chi2_contingency
 
 from medtransfer import atomic
 from medtransfer.data.manifest import SPLITS, build_manifest, read_tags, targets
-from medtransfer.data.pipeline import load_images
+from medtransfer.data.pipeline import load_spec_images
 from medtransfer.errors import SpecError, WeightsUnavailableError
 from medtransfer.spec import Spec
 
@@ -177,14 +177,7 @@ def site_report(
     }
     prevalence, tests, warnings = prevalence_by_site(manifest, spec)
     sample = _sample(manifest, max_per_site, seed)
-    images = load_images(
-        sample,
-        spec.image.size,
-        spec.image.channels,
-        window=spec.image.window_policy,
-        frames=spec.image.frames,
-        workers=workers,
-    )
+    images = load_spec_images(spec, sample, workers=workers)
     sample_sites = sample["site"].to_numpy()
     intensity = {site: _intensity(images[sample_sites == site]) for site in sites}
     tags = _tag_summary(sample)

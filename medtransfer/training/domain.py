@@ -37,7 +37,7 @@ import pandas as pd
 import tensorflow as tf
 
 from medtransfer.data.augment import Augmenter, batch_seed
-from medtransfer.data.pipeline import load_images, make_training_dataset
+from medtransfer.data.pipeline import load_spec_images, make_training_dataset
 from medtransfer.errors import SpecError
 from medtransfer.models.adaptation import (
     DomainAdaptationModel,
@@ -129,14 +129,7 @@ def load_target_images(
     if spec.domain_adaptation.method in ("none",):
         return None
     rows = target_rows(spec, manifest)
-    return load_images(
-        rows,
-        spec.image.size,
-        spec.image.channels,
-        window=spec.image.window_policy,
-        frames=spec.image.frames,
-        workers=workers,
-    )
+    return load_spec_images(spec, rows, workers=workers)
 
 
 # --- the model ------------------------------------------------------------------------------------
