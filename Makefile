@@ -28,6 +28,9 @@ bench: venv
 	$(BIN)/python benchmarks/decode_throughput.py
 	$(BIN)/python benchmarks/cache_throughput.py
 	$(BIN)/python benchmarks/scoring_throughput.py
+	$(BIN)/python benchmarks/scoring_vs_predict.py
+	$(BIN)/python benchmarks/scoring_workers.py
+	$(BIN)/python benchmarks/scoring_memory.py
 	$(BIN)/python benchmarks/training_overhead.py
 	$(BIN)/python benchmarks/augment_throughput.py
 

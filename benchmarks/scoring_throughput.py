@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _common import bench_predictor, link_corpus
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "corpus"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main() -> None:
@@ -24,30 +24,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="copies of the corpus to score")
     args = parser.parse_args()
 
-    from medtransfer.models.build import build_model
-    from medtransfer.predictor import KerasPredictor, ModelInfo
     from medtransfer.scoring import score_folder
-    from medtransfer.spec import spec_from_dict
 
-    spec = spec_from_dict(
-        {
-            "name": "bench",
-            "task": "binary",
-            "classes": ["a", "b"],
-            "data": {"format": "folders", "path": str(CORPUS)},
-            "image": {"size": [224, 224], "channels": 1},
-            "model": {"backbone": "resnet50", "weights": "none"},
-        }
-    )
-    info = ModelInfo("bench", "binary", ["a", "b"], "b", (224, 224), 1, "dicom", "first")
-    predictor = KerasPredictor(build_model(spec), info)
+    predictor = bench_predictor("resnet50", 224)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
-        for copy in range(args.repeat):
-            target = folder / f"copy{copy}"
-            target.mkdir(parents=True)
-            for file in CORPUS.iterdir():
-                (target / file.name).symlink_to(file)
+        link_corpus(folder, args.repeat)
         rates = {}
         for workers in (0, 2):
             started = time.perf_counter()
