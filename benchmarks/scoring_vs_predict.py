@@ -1,7 +1,8 @@
 """Scoring vs the bare model: does ``score_folder`` hide decoding behind the network?
 
 Writes ``--files`` uncompressed 512x512 DICOM radiographs (16-bit MONOCHROME2, Explicit VR Little
-Endian, a DX header) and scores them with ``score_folder(workers=2, batch_size=32)`` through a
+Endian, a DX header) and scores them with ``score_folder(workers=2, batch_size=32)`` (as the CLI
+does: uncompressed files decoded in the main process while that is cheap) through a
 ``KerasPredictor`` over ``build_model`` (EfficientNetB0 at 224 px, random initialisation: a real
 backbone, so on a CPU the network is the bottleneck, as at a hospital site). The baseline is the
 same model's ``model.predict(batch_size=32)`` on the same images, already decoded, resized and in
@@ -10,7 +11,8 @@ memory: the network alone. Target: scoring / bare >= 0.85.
 A third arm separates the two possible losses: the same in-memory images through the predictor
 (``KerasPredictor.predict``: resize + its model call, no files, no pool). scoring / predictor is
 what the folder pipeline costs (decoding, transport, CSV); predictor / bare is what the
-predictor's way of calling the model costs.
+predictor's way of calling the model costs. A fourth arm scores with ``decode_here=False``
+(``--pool-only``): every file decoded in the workers and shipped to the main process.
 
 The model and the resize are warmed up once before timing; then the arms alternate for
 ``--rounds`` rounds. Scoring is timed end to end, spawning its decode pool included (a real run
@@ -38,6 +40,7 @@ ARMS = {
     "predictor": "KerasPredictor.predict (decoded, in memory)",
     "scoring": "score_folder (files, end to end)",
     "steady": "score_folder after its first batch",
+    "pool": "score_folder --pool-only (files, end to end)",
 }
 
 
@@ -94,7 +97,7 @@ def main() -> None:
             for i in range(0, n, batch):
                 predictor.predict(images[i : i + batch])
 
-        def scoring() -> tuple[float, float]:
+        def scoring(decode_here: bool = True) -> tuple[float, float]:
             """Seconds end to end, and of those the wait for the first batch."""
             clock = _FirstCallClock(predictor)
             start = time.perf_counter()
@@ -105,6 +108,7 @@ def main() -> None:
                 workers=args.workers,
                 batch_size=batch,
                 progress=False,
+                decode_here=decode_here,
             )
             seconds = time.perf_counter() - start
             assert summary.n_ok == n, summary
@@ -119,6 +123,7 @@ def main() -> None:
             seconds["scoring"].append(total)
             seconds["steady"].append(total - wait)
             waits.append(wait)
+            seconds["pool"].append(scoring(decode_here=False)[0])
             now = ", ".join(f"{name} {n / runs[-1]:.1f}" for name, runs in seconds.items())
             print(f"round {round_ + 1} files/s: {now}; first batch after {wait:.2f} s")
 

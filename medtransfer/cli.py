@@ -196,6 +196,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         resume=args.resume,
         progress=not args.no_progress,
+        decode_here=not args.pool_only,
     )
     print(summary)
     return summary.exit_code
@@ -379,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
     score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument(
+        "--pool-only",
+        action="store_true",
+        help="decode uncompressed DICOM in the workers too (default: in this process while it "
+        "is cheap next to the model)",
+    )
     score.add_argument("--resume", action="store_true", help="keep rows already in --out")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(func=cmd_score)

@@ -24,7 +24,9 @@ import multiprocessing.connection
 import os
 import signal
 import stat
+import statistics
 import threading
+import time
 import traceback
 import warnings
 from collections import deque
@@ -44,6 +46,7 @@ __all__ = [
     "CsvOutput",
     "FolderError",
     "FolderPool",
+    "LocalFirst",
     "Outcome",
     "ParquetOutput",
     "check_paths",
@@ -167,6 +170,40 @@ def _done(result: Outcome) -> Future:
     return future
 
 
+class LocalFirst:
+    """Which files a ``FolderPool`` runs in this process rather than in a worker.
+
+    A worker's result costs twice: pickling it through a pipe (a 512x512 float32 image is 1 MB)
+    and, on a small machine, CPU taken from the model. For a file whose work is cheap and cannot
+    crash the process (``eligible``: uncompressed DICOM needs no compiled codec) running it here
+    is cheaper, while it stays a small ``share`` of the caller's own time per file
+    (``per_file_budget``, e.g. the model's, updated by the caller as it is measured). Once the
+    median of the last few local runs exceeds that, every later file goes to the pool: a slow
+    disk or huge images make the pool worth its overhead again.
+    """
+
+    WINDOW = 8  # recent local runs whose median decides
+    MIN_RUNS = 3  # before deciding, so that one slow first read (cold cache) does not
+
+    def __init__(self, eligible: Callable[[str], bool], share: float = 0.25) -> None:
+        self._eligible, self.share = eligible, share
+        self.per_file_budget: float | None = None  # seconds; None: not known yet
+        self.active = True
+        self.local_runs = 0
+        self._recent: deque[float] = deque(maxlen=self.WINDOW)
+
+    def takes(self, path: str) -> bool:
+        return self.active and self._eligible(path)
+
+    def record(self, seconds: float) -> None:
+        self.local_runs += 1
+        self._recent.append(seconds)
+        if self.per_file_budget is None or len(self._recent) < self.MIN_RUNS:
+            return
+        if statistics.median(self._recent) > self.share * self.per_file_budget:
+            self.active = False
+
+
 @dataclass
 class _Job:
     path: str
@@ -179,7 +216,9 @@ class FolderPool(Generic[T]):
     ``fn`` must be a module-level function (it is pickled by reference) whose module does not
     import TensorFlow. Exceptions of the ``expected`` types become their own message as the
     file's error; any other exception becomes ``internal error: <type> at <file:line>``.
-    ``workers=0`` runs ``fn`` in this process, for debugging and small folders.
+    ``workers=0`` runs ``fn`` in this process, for debugging and small folders; ``local`` runs
+    the files it takes in this process and the rest in workers (see ``LocalFirst``). The pool
+    starts with the first file sent to it, so a folder run wholly here never spawns it.
 
     When a worker dies (OOM killer, segfault in a codec) every file in flight fails with
     BrokenProcessPool and nothing says which one was the cause, so those files are retried one at
@@ -195,15 +234,15 @@ class FolderPool(Generic[T]):
         *,
         workers: int = 2,
         expected: tuple[type[Exception], ...] = (),
+        local: LocalFirst | None = None,
     ) -> None:
         if workers < 0:
             raise FolderError(f"need workers >= 0, got {workers}")
         self._root, self._fn, self._args, self._expected = root, fn, args, expected
-        self._workers = workers
+        self._workers, self._local = workers, local
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> FolderPool[T]:
-        self._restart()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -226,8 +265,15 @@ class FolderPool(Generic[T]):
 
     def _submit(self, rel: str) -> Future:
         call = (self._fn, self._root, rel, self._args, self._expected)
-        if self._pool is None:
+        if self._workers == 0:
             return _done(_call(*call))
+        if self._local is not None and self._local.takes(os.path.join(self._root, rel)):
+            start = time.perf_counter()
+            outcome = _call(*call)
+            self._local.record(time.perf_counter() - start)
+            return _done(outcome)
+        if self._pool is None:
+            self._restart()
         try:
             return self._pool.submit(_call, *call)
         except BrokenProcessPool as exc:  # a worker died while idle: recovered when this job is due

@@ -4,6 +4,9 @@ Decoding (GIL-bound, up to ~1 s for a large JPEG 2000 radiograph) runs in the sh
 (``medtransfer.folder_pool``): a ``spawn`` pool that imports only ``medtransfer.io``, so TensorFlow
 is never forked or loaded twice. This module adds what is particular to scoring: the main process
 predicts in batches while the workers decode the window ahead, and the rows carry probabilities.
+Uncompressed DICOM is decoded in the main process instead while that costs under a quarter of the
+model's time per file (``LocalFirst``): shipping a decoded image from a worker costs more CPU than
+decoding it (benchmarks/RESULTS.md, "Scoring"), and no compiled codec runs outside the pool.
 
 Rows are appended in crawl order to ``<out>.partial`` as each batch finishes, so a killed run loses
 at most one batch; ``resume=True`` keeps the longest valid prefix of that file and scores the rest.
@@ -17,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
@@ -30,13 +34,14 @@ from medtransfer.folder_pool import (
     CsvOutput,
     FolderError,
     FolderPool,
+    LocalFirst,
     Outcome,
     ParquetOutput,
     check_paths,
     crawl,
     describe,
 )
-from medtransfer.io import ImageReadError, load_image
+from medtransfer.io import ImageReadError, is_uncompressed_dicom, load_image
 
 if TYPE_CHECKING:
     from medtransfer.spec import TabularFeature
@@ -134,6 +139,7 @@ def score_folder(
     batch_size: int = 16,
     resume: bool = False,
     progress: bool = True,
+    decode_here: bool = True,
 ) -> ScoreSummary:
     """Score every file under ``input_dir`` into ``out_csv`` (see the ``scores.csv`` contract).
 
@@ -142,7 +148,8 @@ def score_folder(
     while scoring runs, so resuming works the same.
 
     Unreadable files become error rows rather than exceptions: one bad file in an archive must not
-    stop the other thousands. ``workers=0`` decodes in this process, for debugging.
+    stop the other thousands. ``workers=0`` decodes in this process, for debugging;
+    ``decode_here=False`` sends every file to the workers, uncompressed DICOM too.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
     inside ``input_dir``: it would be crawled as an input, and nothing may be written there.
     """
@@ -157,12 +164,14 @@ def score_folder(
         if out.suffix.lower() == ".parquet"
         else CsvOutput(out, columns, **options)
     )
+    local = LocalFirst(is_uncompressed_dicom) if decode_here and workers else None
     pool = FolderPool(
         root,
         _decode_file,
         (predictor.window, predictor.frames, _tags(predictor.tabular)),
         workers=workers,
         expected=(ImageReadError,),
+        local=local,
     )
     counts: Counter[str] = Counter()
     with (
@@ -174,7 +183,7 @@ def score_folder(
         # to keep workers busy while the model runs, few enough to bound memory (decoded images).
         max_in_flight = 2 * (batch_size + max(workers, 1))
         decoded = pool.imap(output.pending(crawl(root)), max_in_flight)
-        for rows in _score_batches(decoded, predictor, batch_size):
+        for rows in _score_batches(decoded, predictor, batch_size, local):
             output.write(rows)
             counts.update(row[1] for row in rows)
             bar.update(len(rows))
@@ -205,17 +214,23 @@ def _prob_columns(class_names: Iterable[str]) -> list[str]:
 
 
 def _score_batches(
-    decoded: Iterator[Outcome[_Decoded]], predictor: Predictor, batch_size: int
+    decoded: Iterator[Outcome[_Decoded]],
+    predictor: Predictor,
+    batch_size: int,
+    local: LocalFirst | None,
 ) -> Iterator[list[list[str]]]:
-    """Yield rows batch by batch in crawl order; the pool keeps decoding ahead meanwhile."""
-    batch: list[Outcome[_Decoded]] = []
-    for outcome in decoded:
-        batch.append(outcome)
-        if len(batch) == batch_size:
-            yield _predict_rows(batch, predictor)
-            batch = []
-    if batch:
-        yield _predict_rows(batch, predictor)
+    """Yield rows batch by batch in crawl order; the pool keeps decoding ahead meanwhile.
+
+    Each batch after the first (which may trace the model's graph) tells ``local`` the model's
+    time per file: the budget that decoding in this process must stay well inside."""
+    first = True
+    while batch := list(islice(decoded, batch_size)):
+        start = time.perf_counter()
+        rows = _predict_rows(batch, predictor)
+        if local is not None and not first:
+            local.per_file_budget = (time.perf_counter() - start) / len(batch)
+        first = False
+        yield rows
 
 
 def _tags(features: Sequence[TabularFeature]) -> tuple[str, ...]:

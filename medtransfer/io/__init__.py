@@ -10,6 +10,7 @@ from medtransfer.io.dicom import (
     NotDicomError,
     UnsupportedDicomError,
     is_dicom,
+    is_uncompressed_dicom,
     patient_key,
     read_dicom,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "NotDicomError",
     "UnsupportedDicomError",
     "is_dicom",
+    "is_uncompressed_dicom",
     "load_image",
     "patient_key",
     "read_dicom",

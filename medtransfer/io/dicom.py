@@ -137,6 +137,19 @@ def is_dicom(path: FilePath) -> bool:
     return True
 
 
+def is_uncompressed_dicom(path: FilePath) -> bool:
+    """True for a DICOM file whose pixels are stored uncompressed (deflate included).
+
+    Decoding such a file runs no compiled codec, only a copy and arithmetic in numpy, so it is
+    safe and cheap to do in the main process; everything else (other transfer syntaxes, PNG,
+    unreadable files) is False. Reads the header only.
+    """
+    try:
+        return not _transfer_syntax(_read_dataset(path, stop_before_pixels=True)).is_compressed
+    except ImageReadError:
+        return False
+
+
 def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "first") -> DicomImage:
     """Decode a DICOM image into float32 [0, 1] with safe metadata.
 
