@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument(
         "--layers",
         default="default",
-        help="comma-separated target layers inside the backbone; 'default' = its last feature map",
+        help="comma-separated target layers inside the backbone; 'default' = its last feature "
+        "map, 'localising' = gradcam.localising_layer (what reports use)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="work folder (default: a new temporary one)")
@@ -90,6 +91,7 @@ def main() -> None:
         default_target_layer,
         grad_cam,
         heatmap_peaks,
+        localising_layer,
         point_hits,
     )
     from medtransfer.quickstart import write_spec
@@ -150,7 +152,10 @@ def main() -> None:
     heatmaps_for_figure = None
     t = time.time()
     for layer in args.layers.split(","):
-        name = default_target_layer(model) if layer == "default" else layer
+        name = {
+            "default": default_target_layer(model),
+            "localising": localising_layer(model),
+        }.get(layer, layer)
         for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++")):
             heatmaps = grad_cam(model, x_pos, finding, method=method, layer=name)
             pointers.append((f"{label}, `{name}`", heatmap_peaks(heatmaps)))
