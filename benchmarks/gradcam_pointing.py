@@ -62,11 +62,15 @@ def occlusion_peaks(model, images: np.ndarray, class_index: int) -> np.ndarray:
 
 
 def main() -> None:
+    from medtransfer.quickstart import DEFAULTS
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--patients", type=int, default=120)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=96, help="the model's input size")
+    parser.add_argument("--patients", type=int, default=DEFAULTS["n_patients"])
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--backbone", default=DEFAULTS["backbone"])
+    parser.add_argument(
+        "--image-size", type=int, default=DEFAULTS["image_size"], help="the model's input size"
+    )
     parser.add_argument("--eval-size", type=int, default=224, help="heatmap resolution")
     parser.add_argument("--tolerances", default="0,15", help="pixels at --eval-size")
     parser.add_argument(

@@ -16,7 +16,7 @@ import yaml
 
 from medtransfer.scoring import ScoreSummary
 
-DEFAULTS = {"epochs": 15, "n_patients": 160, "backbone": "resnet50", "image_size": 96}
+DEFAULTS = {"epochs": 15, "n_patients": 160, "backbone": "resnet50", "image_size": 128}
 
 
 @dataclass(frozen=True)
