@@ -132,10 +132,16 @@ class CamModel:
         return tf.cast(features, tf.float32), self._log_odds(logits)
 
     def heatmaps(
-        self, inputs: Inputs, class_index: ClassIndex = None, method: Method = "gradcam"
+        self,
+        inputs: Inputs,
+        class_index: ClassIndex = None,
+        method: Method = "gradcam",
+        reference: tf.Tensor | None = None,
     ) -> tf.Tensor:
         """Heatmaps [N, H, W] in [0, 1] at the input images' size; TensorFlow ops only, so it
-        traces under ``tf.function``. ``class_index`` None: each image's predicted class."""
+        traces under ``tf.function``. ``class_index`` None: each image's predicted class.
+        ``reference``: a mean feature map [h, w, k] (``mean_features``) that the image's
+        features are measured from (see ``grad_cam``)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         image, _ = self._split(inputs)
@@ -150,12 +156,26 @@ class CamModel:
             weights = tf.reduce_mean(gradients, axis=(1, 2))
         else:
             weights = _gradcam_plus_plus_weights(features, gradients)
+        if reference is not None:
+            features = features - reference
         cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", features, weights))
         cam = tf.image.resize(cam[..., None], tf.shape(image)[1:3], method="bilinear")[..., 0]
         low = tf.reduce_min(cam, axis=(1, 2), keepdims=True)
         span = tf.reduce_max(cam, axis=(1, 2), keepdims=True) - low
         # A map with no positive evidence anywhere is returned as zeros, not divided by zero.
         return tf.math.divide_no_nan(cam - low, span)
+
+    def mean_features(self, inputs: Inputs, batch_size: int = 32) -> tf.Tensor:
+        """The mean feature map [h, w, k] of ``inputs`` at the target layer: the reference
+        that ``heatmaps`` can measure an image's features from."""
+        n = _count(inputs)
+        if not n:
+            raise ValueError("no reference images")
+        total = 0.0
+        for start in range(0, n, batch_size):
+            features, _ = self.features_and_scores(_slice(inputs, start, start + batch_size))
+            total += tf.reduce_sum(features, axis=0)
+        return total / n
 
     def _log_odds(self, logits: tf.Tensor) -> tf.Tensor:
         if not self._softmax:  # sigmoid: the logit is the log-odds (and a linear head: its output)
@@ -282,18 +302,20 @@ def default_target_layer(model: keras.Model) -> str:
     return _spatial_operation(_layer(model, "backbone"), None).name
 
 
-MIN_CELLS = 6
+MIN_CELLS = 12
 
 
 def localising_layer(model: keras.Model, min_cells: int = MIN_CELLS) -> str:
     """The backbone's last 4-D operation whose map has at least ``min_cells`` x ``min_cells``
     cells at the model's input size (the last feature map when it is that fine).
 
-    A heatmap cannot point more finely than its grid: at 96 px ResNet50's last map is 3 x 3, and
-    on the quickstart data its peak hit the nodule in 0-1 of 30 positives, against 7 and 20 of
-    30 at the 6 x 6 ``conv4_block6_out``; at 160 px, 17-20 (5 x 5) against 21-22 (10 x 10)
-    (benchmarks/RESULTS.md). Reports and notebooks explain at this layer; at 224 px and above it
-    is the last feature map itself for every registered family.
+    A heatmap cannot point more finely than its grid, and a deep cell of a small input sees the
+    whole image. On the quickstart data (ResNet50 from scratch, benchmarks/RESULTS.md) the
+    last map (3 x 3 at 96 px, 4 x 4 at 128) points at the nodule in 0-7 of 30-40 positives,
+    the stride-16 map (6 x 6, 8 x 8) in 7-33, and the stride-8 map (12 x 12, 16 x 16) measured
+    from the normal images' mean (``grad_cam(reference=...)``) in 26-40. Reports and
+    notebooks explain at this layer: for ResNet50 ``conv3_block4_out`` up to 176 px,
+    ``conv4_block6_out`` up to 352 px, the last feature map beyond.
     """
     backbone = _layer(model, "backbone")
     spatial = [op for op in backbone.operations if _rank4(op)]
@@ -316,6 +338,7 @@ def grad_cam(
     method: Method = "gradcam",
     layer: str | None = None,
     batch_size: int = 32,
+    reference: Inputs | None = None,
 ) -> np.ndarray:
     """Heatmaps [N, H, W] (float32, in [0, 1]) of where ``model`` found class ``class_index``.
 
@@ -327,8 +350,19 @@ def grad_cam(
     ``layer``: an operation inside the backbone with a 4-D output; default
     ``default_target_layer``. Each map is min-max normalised per image; a map without any
     positive evidence is all zeros. Images are processed ``batch_size`` at a time.
+
+    ``reference``: images of the same form as ``inputs`` (e.g. validation images without the
+    class) whose mean feature map ``A_ref`` is subtracted before weighting, so the map is
+    ``relu(sum_k w_k (A_k - A_ref_k))``: where this image's features raise the score above
+    those of a typical reference image, a first-order (Taylor) estimate around the reference,
+    as DeepLIFT (Shrikumar et al. 2017) explains relative to a reference input. Plain Grad-CAM
+    also credits whatever every image shares. A network trained from scratch on few images puts
+    large activations at the image border for every image, nodule or not, and plain Grad-CAM
+    points there; measured from the normal images' mean, the same network's maps point at the
+    nodule (``benchmarks/RESULTS.md``, "Grad-CAM pointing game").
     """
     cam = CamModel(model, layer)
+    mean = None if reference is None else cam.mean_features(reference, batch_size)
     n = _count(inputs)
     chunks = []
     for start in range(0, n, batch_size):
@@ -336,7 +370,7 @@ def grad_cam(
         index = class_index
         if class_index is not None and not isinstance(class_index, (int, np.integer)):
             index = np.asarray(class_index)[start : start + batch_size]
-        chunks.append(cam.heatmaps(part, index, method).numpy())
+        chunks.append(cam.heatmaps(part, index, method, mean).numpy())
     if not chunks:
         raise ValueError("no images")
     return np.concatenate(chunks).astype(np.float32)
