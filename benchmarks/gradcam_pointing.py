@@ -158,7 +158,8 @@ def main() -> None:
 
     # Pointers: (name, [N, 2] points) per method and layer, then the baselines.
     pointers: list[tuple[str, np.ndarray]] = []
-    heatmaps_for_figure = None
+    heatmaps_for_figure = None  # the examples figure shows what the evaluation report shows
+    shown_layer = localising_layer(model)
     t = time.time()
     for layer in args.layers.split(","):
         name = {
@@ -171,7 +172,7 @@ def main() -> None:
                     model, x_pos, finding, method=method, layer=name, reference=reference
                 )
                 pointers.append((f"{label}{suffix}, `{name}`", heatmap_peaks(heatmaps)))
-                if heatmaps_for_figure is None and reference is not None:
+                if name == shown_layer and method == "gradcam" and reference is normal_val:
                     heatmaps_for_figure = heatmaps
     cam_seconds = time.time() - t
     t = time.time()
@@ -215,6 +216,10 @@ def main() -> None:
         f"work folder {out}"
     )
     shown = min(8, n)
+    if heatmaps_for_figure is None:  # --layers left the report's layer out
+        heatmaps_for_figure = grad_cam(
+            model, x_pos[:shown], finding, layer=shown_layer, reference=normal_val
+        )
     titles = [f"p={v:.2f}" for v in p[positive][:shown]]
     figure = cam_overlay_figure(x_pos[:shown], heatmaps_for_figure[:shown], titles)
     for ax, (r, c, radius) in zip(figure.axes, circles[:shown], strict=True):

@@ -54,18 +54,28 @@ def images(n: int = 2, height: int = 72, width: int = 56, seed: int = 0) -> np.n
     return x
 
 
-def independent_cam(model: keras.Model, x: np.ndarray, class_index: int) -> np.ndarray:
+def independent_cam(
+    model: keras.Model, x: np.ndarray, class_index: int, reference: np.ndarray | None = None
+) -> np.ndarray:
     """Grad-CAM computed without gradients, for a backbone whose target layer feeds global
     average pooling straight into the linear head: then the gradient of the class log-odds is
     the same for every location, W[:, c] - W[:, other] divided by h * w, so Grad-CAM is the
-    class activation map relu(A . (W[:, c] - W[:, other])) of Zhou et al. 2016. The layers are
+    class activation map relu(A . (W[:, c] - W[:, other])) of Zhou et al. 2016; from a
+    reference, relu((A - mean of the reference's A) . (W[:, c] - W[:, other])). The layers are
     called one by one here, not through CamModel's re-wiring."""
     backbone = model.get_layer("backbone")
     (target,) = [op for op in backbone.operations if op.name == default_target_layer(model)]
-    t = tf.constant(x)
-    for name in ("resize", "to_rgb", "backbone_preprocessing"):
-        t = model.get_layer(name)(t)
-    features = keras.Model(backbone.input, target.output)(t, training=False).numpy()
+    target_model = keras.Model(backbone.input, target.output)
+
+    def target_features(images: np.ndarray) -> np.ndarray:
+        t = tf.constant(images)
+        for name in ("resize", "to_rgb", "backbone_preprocessing"):
+            t = model.get_layer(name)(t)
+        return target_model(t, training=False).numpy()
+
+    features = target_features(x)
+    if reference is not None:
+        features = features - target_features(reference).mean(axis=0)
     kernel = model.get_layer("probabilities").kernel.numpy()
     direction = kernel[:, class_index] - kernel[:, 1 - class_index]
     cam = np.maximum(features @ direction, 0.0)
@@ -118,6 +128,10 @@ def test_default_layer_is_the_last_feature_map_and_heatmaps_are_well_formed(back
         return
     expected = np.concatenate([independent_cam(model, x, 0), independent_cam(model, x, 1)])
     np.testing.assert_allclose(heatmaps, expected, atol=2e-4)
+    reference = images(3, seed=1)
+    from_reference = grad_cam(model, x, 1, reference=reference, batch_size=2)
+    np.testing.assert_allclose(from_reference, independent_cam(model, x, 1, reference), atol=2e-4)
+    assert np.abs(from_reference - heatmaps[2:]).max() > 0.05  # the reference changed them
     # The re-wired forward pass is the model's: its class scores are the model's log-odds.
     _, scores = CamModel(model).features_and_scores(x)
     p = np.asarray(model(tf.constant(x), training=False), np.float64)
@@ -200,6 +214,33 @@ def test_heatmap_points_at_the_evidence_for_the_class_asked_for(known, method):
     # The pre-activation convolution is an explicit, equally valid target here.
     before_relu = grad_cam(model, x, 1, method=method, layer="detector")
     np.testing.assert_allclose(before_relu, finding, atol=1e-5)
+
+
+SHARED = (slice(36, 48), slice(48, 64))  # bottom-right corner, in every image
+SHARED_BOX = (36, 48, 47, 63)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_a_reference_removes_what_every_image_shows(known, method):
+    """Every image shows a bright red square in its corner, like the border activations that
+    a network trained from scratch has for every image; only the explained images also show a
+    fainter red square (the finding). Plain Grad-CAM points at the bright shared square;
+    measured from the mean of images that show only the shared one, the map points at the
+    finding and the shared square drops to (nearly) zero."""
+    model, _ = known
+    noise = np.random.default_rng(2).uniform(0, 0.02, (6, 48, 64, 3)).astype(np.float32)
+    everyone = noise.copy()
+    everyone[(slice(None), *SHARED, 0)] = 1.0
+    finding = everyone[:3].copy()
+    finding[(slice(None), *RED, 0)] = 0.6
+    reference = everyone[3:]
+    plain = grad_cam(model, finding, 1, method=method)
+    assert point_hits(heatmap_peaks(plain), [SHARED_BOX] * 3, tolerance=0).all()
+    relative = grad_cam(model, finding, 1, method=method, reference=reference)
+    assert point_hits(heatmap_peaks(relative), [RED_BOX] * 3, tolerance=0).all()
+    assert relative[(slice(None), *SHARED)].max() < 0.1
+    # An image measured from itself has nothing to show.
+    assert not grad_cam(model, reference[:1], 1, method=method, reference=reference[:1]).any()
 
 
 def test_gradcam_plus_plus_differs_but_agrees_on_the_maximum(known):
@@ -346,9 +387,11 @@ def test_overlay_figure_has_one_panel_of_two_images_per_input():
 @pytest.mark.parametrize(
     ("backbone", "size", "expected"),
     [
-        ("resnet50", 96, "conv4_block6_out"),  # 6 x 6: the last map, 3 x 3, cannot point
-        ("resnet50", 224, "conv5_block3_out"),  # 7 x 7: the last feature map itself
-        ("efficientnetb0", 96, "block6a_expand_activation"),  # not the stride's zero padding
+        ("resnet50", 96, "conv3_block4_out"),  # 12 x 12 (the last map is 3 x 3)
+        ("resnet50", 128, "conv3_block4_out"),  # 16 x 16: the quickstart's size
+        ("resnet50", 224, "conv4_block6_out"),  # 14 x 14
+        ("resnet50", 384, "conv5_block3_out"),  # 12 x 12: the last feature map itself
+        ("efficientnetb0", 96, "block4a_expand_activation"),  # not the stride's zero padding
     ],
 )
 def test_localising_layer_is_the_last_map_with_a_fine_enough_grid(backbone, size, expected):

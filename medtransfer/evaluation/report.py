@@ -148,9 +148,16 @@ def explained_examples(
     return picks
 
 
-def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n):
-    """Grad-CAM overlays of the examples above, or None for a model without one backbone
-    (ensembles, TTA models) or an export (no layers left to explain)."""
+MAX_REFERENCE_IMAGES = 64
+
+
+def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n, reference_rows):
+    """Grad-CAM overlays of the examples above and a caption, or None for a model without one
+    backbone (ensembles, TTA models) or an export (no layers left to explain).
+
+    Heatmaps are measured from the mean features of ``reference_rows`` (validation images
+    without the class, up to 64 spread over the split): plain Grad-CAM of a network trained
+    from scratch points at what every image shares (benchmarks/RESULTS.md)."""
     from medtransfer.evaluation.gradcam import cam_overlay_figure, grad_cam, localising_layer
 
     model = getattr(predictor, "model", None)
@@ -160,13 +167,27 @@ def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n)
     picks = explained_examples(probabilities, y, k, threshold, n)
     if not picks:
         return None
-    chosen = rows.iloc[[i for _, i in picks]]
-    images = load_images(chosen, info.image_size, info.channels, window=info.window,
-                         frames=info.frames, workers=0)  # fmt: skip
-    inputs = with_tabular(images, chosen, info.tabular)
-    heatmaps = grad_cam(model, inputs, k, layer=localising_layer(model))
+
+    def inputs(chosen):
+        images = load_images(chosen, info.image_size, info.channels, window=info.window,
+                             frames=info.frames, workers=0)  # fmt: skip
+        return images, with_tabular(images, chosen, info.tabular)
+
+    images, explained = inputs(rows.iloc[[i for _, i in picks]])
+    spread = np.unique(np.linspace(0, len(reference_rows) - 1, MAX_REFERENCE_IMAGES).astype(int))
+    reference = inputs(reference_rows.iloc[spread])[1] if len(reference_rows) else None
+    layer = localising_layer(model)
+    heatmaps = grad_cam(model, explained, k, layer=layer, reference=reference)
     titles = [f"{kind} P={probabilities[i, k]:.2f}" for kind, i in picks]
-    return cam_overlay_figure(images, heatmaps, titles, columns=min(len(picks), 2 * n))
+    baseline = (
+        f"measured from the mean of {len(spread)} validation images without it"
+        if reference is not None
+        else "plain (no validation images without it)"
+    )
+    caption = (
+        f"Grad-CAM ({class_name}) at {layer}, {baseline}: most confident TP, FP and clearest FN"
+    )
+    return cam_overlay_figure(images, heatmaps, titles, columns=min(len(picks), 2 * n)), caption
 
 
 def _png(figure) -> bytes:
@@ -221,7 +242,7 @@ def evaluate(
     )
 
     val_rows = rows if split == "val" else _split_rows(spec, source, "val")
-    thresholds, temperature = {}, None
+    thresholds, temperature, y_val = {}, None, np.zeros((0, len(spec.classes)))
     if not val_rows.empty:
         p_val = probabilities if split == "val" else _predict(predictor, val_rows, workers)
         y_val = targets(val_rows, spec.classes)
@@ -266,12 +287,13 @@ def evaluate(
         figures["Reliability"] = _png(reliability_figure(metrics["calibration"], title=title))
     if settings.gradcam_examples:
         cut = thresholds.get(headline, {}).get("youden", 0.5)
+        without = val_rows.iloc[np.flatnonzero(y_val[:, classes.index(headline)] == 0)]
         cams = _gradcam_figure(
-            predictor, rows, probabilities, y, headline, cut, settings.gradcam_examples
+            predictor, rows, probabilities, y, headline, cut, settings.gradcam_examples, without
         )
         if cams is not None:
-            caption = f"Grad-CAM ({headline}): most confident TP, FP and clearest FN"
-            figures[caption] = _png(cams)
+            figure, caption = cams
+            figures[caption] = _png(figure)
             atomic.write_bytes(out / "gradcam.png", figures[caption])
     atomic.write_bytes(out / "roc.png", figures["ROC"])
     if "Reliability" in figures:
