@@ -87,6 +87,12 @@ def test_report_html_is_self_contained(reports):
     # ROC, reliability and the Grad-CAM overlays
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 3
     assert (reports["test"].out_dir / "gradcam.png").is_file()
+    # The overlays are measured from the validation images without the class (all of them
+    # up to 64), at the localising layer: the caption says so.
+    y_val, _ = labels_and_scores(reports["val"])
+    caption = re.search(r"Grad-CAM \(spot\) at (\w+), measured from the mean of (\d+) val", html)
+    assert caption is not None
+    assert int(caption.group(2)) == min(64, int((y_val == 0).sum())) > 0
     assert "<script" not in html and "http" not in html.replace("http-equiv", "")
     assert "Operating points" in html and "youden" in html and "Wilson" in html
     summary = reports["test"].summary()
