@@ -37,7 +37,7 @@ class QuickstartResult:
                 f"  test AUROC (held-out patients): {self.test_auroc:.4f}",
                 f"  data spec:      {self.spec}",
                 f"  run directory:  {self.run_dir}",
-                f"  report:         {self.report_dir} (metrics.json, roc.png, predictions.csv)",
+                f"  report:         {self.report_dir} (report.html, metrics.json, gradcam.png)",
                 f"  SavedModel:     {self.export_dir}",
                 f"  scores:         {self.scores} ({self.scoring.n_ok} ok, "
                 f"{self.scoring.n_error} errors)",
