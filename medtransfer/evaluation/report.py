@@ -174,16 +174,15 @@ def _gradcam_figure(predictor, rows, probabilities, y, class_name, threshold, n,
         return images, with_tabular(images, chosen, info.tabular)
 
     images, explained = inputs(rows.iloc[[i for _, i in picks]])
-    spread = np.unique(np.linspace(0, len(reference_rows) - 1, MAX_REFERENCE_IMAGES).astype(int))
-    reference = inputs(reference_rows.iloc[spread])[1] if len(reference_rows) else None
+    reference, baseline = None, "plain (no validation images without it)"
+    if len(reference_rows):
+        spread = np.linspace(0, len(reference_rows) - 1, MAX_REFERENCE_IMAGES).astype(int)
+        normal = reference_rows.iloc[np.unique(spread)]
+        reference = inputs(normal)[1]
+        baseline = f"measured from the mean of {len(normal)} validation images without it"
     layer = localising_layer(model)
     heatmaps = grad_cam(model, explained, k, layer=layer, reference=reference)
     titles = [f"{kind} P={probabilities[i, k]:.2f}" for kind, i in picks]
-    baseline = (
-        f"measured from the mean of {len(spread)} validation images without it"
-        if reference is not None
-        else "plain (no validation images without it)"
-    )
     caption = (
         f"Grad-CAM ({class_name}) at {layer}, {baseline}: most confident TP, FP and clearest FN"
     )
