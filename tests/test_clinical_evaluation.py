@@ -189,3 +189,33 @@ def test_explained_examples_are_the_most_confident_hits_and_misses():
     y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0], float)
     picks = explained_examples(np.stack([1 - p, p], 1), np.stack([1 - y, y], 1), 1, 0.5, 2)
     assert picks == [("TP", 0), ("TP", 1), ("FP", 5), ("FP", 6), ("FN", 4), ("FN", 3)]
+
+
+def test_gradcam_without_reference_images_falls_back_to_plain_and_says_so(reports, tiny_run):
+    """With no validation image without the class, the report's overlays are plain Grad-CAM
+    and the caption says so; measured from the images without it, the maps change."""
+    from medtransfer.evaluation.gradcam import localising_layer
+    from medtransfer.evaluation.report import _gradcam_figure, _split_rows
+    from medtransfer.predictor import load_predictor
+
+    spec = load_spec(tiny_run / SPEC_FILE)
+    predictor = load_predictor(tiny_run)
+    rows = _split_rows(spec, tiny_run, "test")
+    p = reports["test"].predictions
+    probabilities = p[["prob_plain", "prob_spot"]].to_numpy()
+    y = p[["y_plain", "y_spot"]].to_numpy(float)
+
+    def overlays(reference_rows):
+        figure, caption = _gradcam_figure(
+            predictor, rows, probabilities, y, "spot", 0.5, 1, reference_rows
+        )
+        return [np.asarray(ax.images[-1].get_array()) for ax in figure.axes if ax.images], caption
+
+    plain, caption = overlays(rows[:0])
+    layer = localising_layer(predictor.model)
+    assert caption.startswith(f"Grad-CAM (spot) at {layer}, plain (no validation images")
+    normal = rows[y[:, 1] == 0]
+    relative, caption = overlays(normal)
+    assert f"measured from the mean of {min(64, len(normal))} validation" in caption
+    assert len(plain) == len(relative) > 0
+    assert max(np.abs(a - b).max() for a, b in zip(plain, relative, strict=True)) > 0.01
