@@ -16,19 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import link_corpus
+
 from medtransfer.inspect import inspect_folder
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "corpus"
-
-
-def link_corpus(folder: Path, repeat: int) -> None:
-    """``repeat`` copies of the corpus as symlinks: real files and no extra disk; after one
-    warm-up pass both settings read the same files from the page cache."""
-    for copy in range(repeat):
-        target = folder / f"copy{copy}"
-        target.mkdir(parents=True)
-        for file in sorted(CORPUS.iterdir()):
-            (target / file.name).symlink_to(file)
 
 
 def files_per_second(folder: Path, out: Path, workers: int) -> float:
