@@ -4,9 +4,11 @@ Imported by spawned decode workers, so nothing here (or below) imports TensorFlo
 """
 
 from medtransfer.io.dicom import (
+    DEFAULT_MAX_PIXELS,
     DicomDecodeError,
     DicomImage,
     ImageReadError,
+    ImageTooLargeError,
     NotDicomError,
     UnsupportedDicomError,
     is_dicom,
@@ -17,9 +19,11 @@ from medtransfer.io.dicom import (
 from medtransfer.io.images import LoadedImage, load_image, read_image
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DicomDecodeError",
     "DicomImage",
     "ImageReadError",
+    "ImageTooLargeError",
     "LoadedImage",
     "NotDicomError",
     "UnsupportedDicomError",

@@ -9,6 +9,7 @@ pixels, so a model never learns the scanner's encoding choices.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -16,19 +17,22 @@ from typing import Any, Literal
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import get_nr_frames
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medtransfer.privacy import pseudonym
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DicomDecodeError",
     "DicomImage",
     "ImageReadError",
+    "ImageTooLargeError",
     "NotDicomError",
     "UnsupportedDicomError",
     "is_dicom",
@@ -58,6 +62,15 @@ SAFE_TAGS = (
     "PixelSpacing",
     "ImagerPixelSpacing",
 )
+# The pixel budget: rows x columns x samples x frames a file may ask to decode. The largest real
+# images (full-field mammograms at 4096 x 5120, 21 M pixels; stitched spine and leg radiographs)
+# fit several times over, while the few-KB "decompression bombs" whose header claims
+# 65535 x 65535 (4.3 G pixels, 8-17 GiB once decoded) are refused before any codec runs.
+DEFAULT_MAX_PIXELS = 2**27  # 134,217,728 pixels: 512 MiB as float32
+# A deflated data set may inflate to this many bytes per pixel of the budget (the pixels at up
+# to 32 bits plus the other elements), checked in a bounded pass before pydicom inflates it.
+_INFLATED_BYTES_PER_PIXEL = 4
+_INFLATE_CHUNK = 1 << 20
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PERCENTILES = (0.5, 99.5)
 
@@ -89,6 +102,24 @@ class ImageReadError(Exception):
 
 class NotDicomError(ImageReadError):
     """The content is not DICOM, so a caller may still try another reader."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image (or a deflated data set) larger than the pixel budget, refused before decoding:
+    a few-KB file can claim gigapixels, and decoding it would exhaust the machine's memory."""
+
+
+def check_pixel_budget(
+    rows: int, columns: int, samples: int, frames: int, budget: int | None
+) -> None:
+    """Raise ImageTooLargeError when rows x columns x samples x frames exceeds ``budget``
+    (None: no budget)."""
+    pixels = rows * columns * samples * frames
+    if budget is not None and pixels > budget:
+        raise ImageTooLargeError(
+            f"image too large: {rows} x {columns} pixels x {samples} sample(s) x {frames} "
+            f"frame(s) = {pixels:,} pixels, over the pixel budget of {budget:,}"
+        )
 
 
 class UnsupportedDicomError(ImageReadError):
@@ -138,19 +169,32 @@ def is_dicom(path: FilePath) -> bool:
 
 
 def is_uncompressed_dicom(path: FilePath) -> bool:
-    """True for a DICOM file whose pixels are stored uncompressed (deflate included).
+    """True for a Part 10 DICOM file whose pixels are stored uncompressed and not deflated.
 
     Decoding such a file runs no compiled codec, only a copy and arithmetic in numpy, so it is
-    safe and cheap to do in the main process; everything else (other transfer syntaxes, PNG,
-    unreadable files) is False. Reads the header only.
+    safe and cheap to do in the main process; everything else (other or unknown transfer
+    syntaxes, deflate, files without preamble, PNG, unreadable files) is False and goes to a
+    decode worker, where time and memory are capped. Reads the File Meta header only, and never
+    raises: the main process decides with it for every file of a hostile archive.
     """
     try:
-        return not _transfer_syntax(_read_dataset(path, stop_before_pixels=True)).is_compressed
-    except ImageReadError:
+        with open(path, "rb") as f:
+            if f.read(132)[128:132] != b"DICM":
+                return False
+            tsyntax = UID(_read_file_meta_info(f).get("TransferSyntaxUID") or "")
+        # A UID that names no transfer syntax (a bit flip) makes is_compressed raise.
+        return tsyntax.is_transfer_syntax and not (tsyntax.is_compressed or tsyntax.is_deflated)
+    except Exception:  # any bytes at all may arrive here; the worker reports what is wrong
         return False
 
 
-def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "first") -> DicomImage:
+def read_dicom(
+    path: FilePath,
+    *,
+    window: Window = "dicom",
+    frames: Frames = "first",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> DicomImage:
     """Decode a DICOM image into float32 [0, 1] with safe metadata.
 
     ``window`` is ``"dicom"`` (the file's first WindowCenter/Width, else its VOI LUT Sequence,
@@ -162,19 +206,25 @@ def read_dicom(path: FilePath, *, window: Window = "dicom", frames: Frames = "fi
     ``frames`` picks the ``"first"`` or ``"middle"`` frame of a multi-frame object, or ``"all"``
     frames as an [F, H, W(, 3)] stack (each frame through its own per-frame rescale and window).
 
+    ``max_pixels`` is the pixel budget (None: none): rows x columns x samples x frames decoded
+    above it raise ImageTooLargeError before any codec runs, as does a deflated data set that
+    would inflate past 4 bytes per pixel of it.
+
     Raises ImageReadError (or a subclass) for any file that cannot become an image, and
     ValueError for an invalid ``window`` or ``frames`` argument, which is the caller's mistake.
     """
     windows = _parse_windows(window)
     if frames not in ("first", "middle", "all"):
         raise ValueError(f"frames must be 'first', 'middle' or 'all', not {frames!r}")
-    ds = _read_dataset(path)
+    inflated = None if max_pixels is None else _INFLATED_BYTES_PER_PIXEL * max_pixels
+    ds = _read_dataset(path, max_inflated=inflated)
     _require_pixels(ds)
     tsyntax = _transfer_syntax(ds)
     try:
         n_frames = get_nr_frames(ds, warn=False)
     except Exception as exc:
         raise DicomDecodeError(f"invalid NumberOfFrames: {exc}") from exc
+    _check_budget(ds, n_frames if frames == "all" else 1, max_pixels)
     if frames == "all":
         rendered = [_render_frame(ds, tsyntax, i, window, windows) for i in range(n_frames)]
         pixels, used = np.stack([p for p, _ in rendered]), rendered[0][1]
@@ -236,17 +286,61 @@ def _starts_like_dataset(head: bytes) -> bool:
     return len(head) >= 8 and bool(groups & {0x0002, 0x0008})
 
 
-def _read_dataset(path: FilePath, stop_before_pixels: bool = False) -> Dataset:
+def _check_budget(ds: Dataset, frames: int, budget: int | None) -> None:
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # no usable size: the decoder reports the inconsistency
+    check_pixel_budget(rows, columns, samples, frames, budget)
+
+
+def _check_inflated_size(f: Any, limit: int) -> None:
+    """Inflate the deflated data set at ``f``'s position in bounded chunks, discarding the
+    output, and refuse it if it would grow past ``limit`` bytes: pydicom inflates the whole data
+    set in one call, so a few-MB zip bomb would otherwise take gigabytes first."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    while chunk := f.read(_INFLATE_CHUNK):
+        while chunk:
+            size += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+            if size > limit:
+                raise ImageTooLargeError(
+                    f"image too large: the deflated data set inflates past {limit:,} bytes "
+                    f"({_INFLATED_BYTES_PER_PIXEL} bytes per pixel of the pixel budget)"
+                )
+            chunk = inflater.unconsumed_tail
+        if inflater.eof:
+            return
+
+
+def _file_meta(f: Any, head: bytes) -> FileMetaDataset:
+    """The File Meta group (empty if none), leaving ``f`` at the first byte after it."""
+    f.seek(132 if head[128:132] == b"DICM" else 0)
+    return _read_file_meta_info(f)  # pydicom's own reader for just this group
+
+
+def _read_dataset(
+    path: FilePath,
+    stop_before_pixels: bool = False,
+    max_inflated: int | None = _INFLATED_BYTES_PER_PIXEL * DEFAULT_MAX_PIXELS,
+) -> Dataset:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
-            f.seek(0)
             if not head:
                 raise NotDicomError("not a DICOM file: empty file")
-            if head[128:132] == b"DICM":
-                return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
-            if not _starts_like_dataset(head):
+            preamble = head[128:132] == b"DICM"
+            if not preamble and not _starts_like_dataset(head):
                 raise NotDicomError("not a DICOM file")
+            deflated = (
+                _file_meta(f, head).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            )
+            if deflated and max_inflated is not None:
+                _check_inflated_size(f, max_inflated)
+            f.seek(0)
+            if preamble:
+                return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
             ds = pydicom.dcmread(f, force=True, stop_before_pixels=stop_before_pixels)
     except ImageReadError:
         raise

@@ -8,13 +8,24 @@ this module never imports TensorFlow.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medtransfer.io.dicom import FilePath, Frames, ImageReadError, Window, is_dicom, read_dicom
+from medtransfer.io.dicom import (
+    DEFAULT_MAX_PIXELS,
+    FilePath,
+    Frames,
+    ImageReadError,
+    ImageTooLargeError,
+    Window,
+    check_pixel_budget,
+    is_dicom,
+    read_dicom,
+)
 
 __all__ = ["LoadedImage", "load_image", "read_image"]
 
@@ -36,31 +47,45 @@ class LoadedImage:
 
 
 def load_image(
-    path: FilePath, *, window: Window = "dicom", frames: Frames = "first"
+    path: FilePath,
+    *,
+    window: Window = "dicom",
+    frames: Frames = "first",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> LoadedImage:
     """Decode any supported file, choosing the reader by content rather than by extension.
 
-    ``window`` and ``frames`` apply to DICOM only (see ``read_dicom``). Raises ImageReadError
-    for anything that cannot become an image.
+    ``window`` and ``frames`` apply to DICOM only (see ``read_dicom``); ``max_pixels`` is the
+    pixel budget for every format (None: none). Raises ImageReadError for anything that cannot
+    become an image.
     """
     if is_dicom(path):
-        image = read_dicom(path, window=window, frames=frames)
+        image = read_dicom(path, window=window, frames=frames, max_pixels=max_pixels)
         return LoadedImage(image.pixels, image.meta.get("SOPInstanceUID") or "", image.meta)
-    return LoadedImage(read_image(path), "", {})
+    return LoadedImage(read_image(path, max_pixels=max_pixels), "", {})
 
 
-def read_image(path: FilePath) -> np.ndarray:
+def read_image(path: FilePath, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a PNG/JPEG/TIFF with Pillow as float32 [H, W] or [H, W, 3] in [0, 1].
 
     8-bit data is divided by 255 and 16-bit by 65535, so an image exported at either depth
-    lands on the same scale. EXIF orientation is applied, as any viewer would.
+    lands on the same scale. EXIF orientation is applied, as any viewer would. An image whose
+    header claims more than ``max_pixels`` (width x height x bands) is refused before its
+    pixels are decoded; so is one past Pillow's own decompression-bomb limit.
     """
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 M pixels; the pixel budget below is the rule that applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            check_pixel_budget(image.height, image.width, len(image.getbands()), 1, max_pixels)
             ImageOps.exif_transpose(image, in_place=True)
             return _to_float(image)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
         message = "empty file" if _is_empty(path) else "not a DICOM file or an image Pillow reads"
         raise ImageReadError(message) from exc
