@@ -36,6 +36,7 @@ _LAZY = {
     "make_augmenter": "medtransfer.data.augment",
     "download_weights": "medtransfer.models.weights",
     "evaluate": "medtransfer.evaluation.report",
+    "read_thresholds": "medtransfer.evaluation.report",
     "roc_figure": "medtransfer.evaluation.plots",
     "reliability_figure": "medtransfer.evaluation.plots",
     "ClinicalSettings": "medtransfer.evaluation.clinical",

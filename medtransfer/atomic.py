@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -41,3 +43,30 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, -inf, NaN) replaced by None, recursively.
+
+    ``json.dumps`` writes those as bare ``Infinity``/``NaN``, which is not JSON: JavaScript's
+    ``JSON.parse`` and most other parsers reject the whole file. A writer whose reader needs
+    to know what a null stood for records that next to it (see ``evaluation.report``).
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as strict JSON (non-finite floats as null), atomically."""
+    write_text(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+
+
+def float_or(value: float | None, null: float = math.nan) -> float:
+    """A number read back from a file :func:`write_json` wrote: null becomes ``null``'s value
+    (NaN unless the field's writer documents another meaning, e.g. +inf for a threshold)."""
+    return null if value is None else float(value)

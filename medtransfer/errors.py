@@ -23,3 +23,9 @@ class RunError(MedtransferError):
 
 class ExportError(MedtransferError):
     """An export target that cannot be written, or a model source that cannot be exported."""
+
+
+class DegenerateModelWarning(UserWarning):
+    """A model whose predictions hardly vary across images: it cannot tell them apart, however
+    finished its run looks (AUROC 0.5, no finite threshold). Its own category so that the CLI
+    can show it in one line and a notebook or test can catch or escalate exactly this."""

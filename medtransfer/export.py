@@ -11,8 +11,10 @@ the features (float32 with NaN for a missing number; string with "" for a missin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import keras
@@ -21,15 +23,22 @@ import tensorflow as tf
 
 from medtransfer import atomic
 from medtransfer.data.pipeline import resize_images
-from medtransfer.errors import ExportError
-from medtransfer.evaluation.report import THRESHOLDS_FILE, thresholds_file_name
+from medtransfer.errors import DegenerateModelWarning, ExportError
+from medtransfer.evaluation.report import (
+    THRESHOLDS_FILE,
+    read_thresholds,
+    thresholds_file_name,
+    thresholds_for_json,
+    write_thresholds,
+)
 from medtransfer.models.layers import TemperatureScaling
 from medtransfer.models.tta import may_mirror, tta_model
 from medtransfer.predictor import EXPORT_INFO, ModelInfo
 from medtransfer.spec import TabularFeature
-from medtransfer.training.run import EVALUATION_DIR, open_run
+from medtransfer.training.run import EVALUATION_DIR, Run, open_run
 
 EXPORT_THRESHOLDS = Path("assets.extra") / THRESHOLDS_FILE
+_VERSION = re.compile(r"[0-9]+")  # TF Serving's version folders: an integer, ASCII digits
 
 
 def _decode_png(size: tuple[int, int], channels: int):
@@ -113,13 +122,16 @@ def model_card(
     """The model card as Markdown and JSON: what the model is for and how it was checked.
 
     Only aggregate figures appear (counts, metrics, thresholds): no image path, patient key or
-    DICOM value, so the card can travel with the model.
+    DICOM value, so the card can travel with the model. ``thresholds`` is the record as
+    evaluation keeps it (+inf allowed); the card holds it as written (null plus a note).
+    A degenerate model (``degenerate_model`` in run.json or the metrics) is flagged on top.
     """
     card = {
         "model": info.name,
         "task": info.task,
         "classes": info.class_names,
         "positive_class": info.positive_class,
+        "degenerate_model": degenerate_findings(run_info, metrics) or None,
         "input": {
             "serving_default": f"image: float32 [batch, H, W, {info.channels}] in [0, 1], any H, W",
             "predict_png": "image_bytes: string [batch], PNG-encoded (8 or 16 bit)",
@@ -142,7 +154,7 @@ def model_card(
             "best_val_auroc": run_info.get("best_val_auroc"),
         },
         "evaluation": _card_metrics(metrics),
-        "decision_thresholds": thresholds,
+        "decision_thresholds": None if thresholds is None else thresholds_for_json(thresholds),
         "versions": run_info.get("versions"),
         "intended_use": "Research and clinical-evaluation use on images like the training data. "
         "Not a medical device; a clinician reviews every output.",
@@ -152,19 +164,40 @@ def model_card(
             "Outputs are uncalibrated probabilities unless a calibration step is recorded above.",
         ],
     }
+    return _card_markdown(card, info, metrics, thresholds), card
+
+
+def degenerate_findings(run_info: dict, metrics: dict | None) -> list[str]:
+    """What training and evaluation recorded about a degenerate model, one line each."""
+    found = []
+    if record := run_info.get("degenerate_model"):
+        found.append(f"at the end of training: {record['message']}")
+    if record := (metrics or {}).get("degenerate_model"):
+        found.append(f"in the evaluation ({metrics.get('split')} split): {record['message']}")
+    return found
+
+
+def _threshold_text(threshold: float) -> str:
+    return f"{threshold:.4f}" if np.isfinite(threshold) else "none (no image called positive)"
+
+
+def _card_markdown(
+    card: dict, info: ModelInfo, metrics: dict | None, thresholds: dict | None
+) -> str:
+    training = card["training"]
     lines = [
         f"# Model card: {info.name}",
         "",
+        *[f"> **Warning**, found {found}\n" for found in card["degenerate_model"] or []],
         f"- Task: {info.task}; classes: {', '.join(info.class_names)}",
-        f"- Backbone: {card['training']['backbone']} (weights: {card['training']['weights']}), "
-        f"seed {card['training']['seed']}",
+        f"- Backbone: {training['backbone']} (weights: {training['weights']}), "
+        f"seed {training['seed']}",
         f"- Input: {card['input']['serving_default']}; resized inside to "
         f"{info.image_size[0]}x{info.image_size[1]}",
         *[f"- Tabular input {item}" for item in card["input"]["tabular"]],
-        f"- Data: {card['training']['images_per_split']} images per split, fingerprint "
-        f"`{card['training']['data_fingerprint']}`",
-        f"- Best validation AUROC {card['training']['best_val_auroc']} "
-        f"(epoch {card['training']['best_epoch']})",
+        f"- Data: {training['images_per_split']} images per split, fingerprint "
+        f"`{training['data_fingerprint']}`",
+        f"- Best validation AUROC {training['best_val_auroc']} (epoch {training['best_epoch']})",
     ]
     if metrics:
         auroc = metrics.get("auroc", {}).get("macro")
@@ -173,7 +206,7 @@ def model_card(
             f" AUROC {auroc}, accuracy {metrics.get('accuracy')}"
         )
         for name, d in (metrics.get("discrimination") or {}).items():
-            if d.get("auroc_ci_delong"):
+            if d.get("auroc_ci_delong") and None not in d["auroc_ci_delong"]:
                 low, high = d["auroc_ci_delong"]
                 lines.append(f"  - {name}: AUROC {d['auroc']:.4f} (95% CI {low:.4f}-{high:.4f})")
     if thresholds:
@@ -182,12 +215,12 @@ def model_card(
             f"{thresholds['rule']}), in `{EXPORT_THRESHOLDS}`:"
         )
         for name, points in thresholds["thresholds"].items():
-            listed = ", ".join(f"{point} {value:.4f}" for point, value in points.items())
+            listed = ", ".join(f"{point} {_threshold_text(t)}" for point, t in points.items())
             lines.append(f"  - {name}: {listed}")
     lines += ["", "## Intended use", card["intended_use"], "", "## Limitations"]
     lines += [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Versions", *[f"- {k}: {v}" for k, v in (card["versions"] or {}).items()]]
-    return "\n".join(lines) + "\n", card
+    return "\n".join(lines) + "\n"
 
 
 def calibrated(model: keras.Model, thresholds: dict | None, task: str) -> tuple:
@@ -226,6 +259,39 @@ def _scaled_threshold(threshold: float, temperature: float) -> float:
     return float(1 / (1 + np.exp(-np.log(threshold / (1 - threshold)) / temperature)))
 
 
+def version_dir(out_dir: str | Path) -> Path:
+    """The ``NAME/VERSION`` folder to export into, the layout TF Serving loads.
+
+    ``out_dir`` ending in an all-digit folder is that version; any other is ``NAME``, and the
+    next version in it is used: 1, or one past the highest numbered folder there. A ``NAME``
+    folder holding a SavedModel directly (an export made there before) is refused: TF Serving
+    cannot load it, and a version beside it would leave the model it serves in doubt.
+    """
+    target = Path(out_dir)
+    if _VERSION.fullmatch(target.name):
+        return target
+    if (target / "saved_model.pb").is_file():
+        raise ExportError(
+            f"{target} holds a SavedModel directly, which TF Serving cannot load: it needs "
+            f"NAME/VERSION/ with VERSION a number. Move that export into a version folder "
+            f"(e.g. {target / '1'}) or export to another NAME"
+        )
+    numbered = [int(p.name) for p in _subfolders(target) if _VERSION.fullmatch(p.name)]
+    return target / str(max(numbered, default=0) + 1)
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+
+
+def _evaluation(run_dir: Path, tta: bool) -> tuple[dict | None, dict | None]:
+    """The run's kept test metrics and validation thresholds (+inf restored), if evaluated."""
+    evaluation = run_dir / EVALUATION_DIR
+    metrics_file = evaluation / f"metrics_test{'_tta' if tta else ''}.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    return metrics, read_thresholds(evaluation / thresholds_file_name(tta))
+
+
 def export_model(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -234,21 +300,20 @@ def export_model(
     tta: bool = False,
     calibrate: bool = False,
 ) -> Path:
-    """Write ``out_dir`` (``…/NAME/VERSION``) as a SavedModel plus model card, atomically.
+    """Write a SavedModel plus model card, atomically, and return the version folder used.
 
+    ``out_dir`` is ``…/NAME/VERSION``, or ``…/NAME`` for its next version (:func:`version_dir`).
     The SavedModel is built in a temporary sibling folder and renamed into place, so TF Serving,
-    which watches ``NAME/`` for new versions, never sees a half-written version.
+    which watches ``NAME/`` for new versions, never sees a half-written version. A degenerate
+    model (as training or evaluation recorded it) is exported with a DegenerateModelWarning
+    and a warning atop its model card.
     """
     run = open_run(run_dir)
-    target = Path(out_dir)
+    target = version_dir(out_dir)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
     info = ModelInfo.from_run_info(run.info)
-    evaluation = Path(run_dir) / EVALUATION_DIR
-    metrics_file = evaluation / f"metrics_test{'_tta' if tta else ''}.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    thresholds_file = evaluation / thresholds_file_name(tta)
-    thresholds = json.loads(thresholds_file.read_text()) if thresholds_file.is_file() else None
+    metrics, thresholds = _evaluation(Path(run_dir), tta)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -257,30 +322,47 @@ def export_model(
             model = tta_model(model, mirror=may_mirror(run.spec.modality))
         if calibrate:
             model, thresholds = calibrated(model, thresholds, info.task)
-        build_archive(model, info).write_out(str(staging / "model"), verbose=False)
         built = staging / "model"
-        atomic.write_text(built / EXPORT_INFO, json.dumps(info.to_json(), indent=2))
-        if thresholds is not None:
-            atomic.write_text(built / EXPORT_THRESHOLDS, json.dumps(thresholds, indent=2))
-        markdown, card = model_card(info, run.info, metrics, thresholds)
-        if tta:
-            card["test_time_augmentation"] = "built in: probabilities averaged over the views " + (
-                "identity, central 90% zoom, and both mirrored"
-                if may_mirror(run.spec.modality)
-                else "identity and central 90% zoom (not mirrored: radiograph)"
-            )
-            markdown += f"\n## Test-time augmentation\n{card['test_time_augmentation']}\n"
-        if calibrate:
-            card["calibration"] = (
-                f"temperature scaling inside the graph, T = {thresholds['temperature']:.4f}, "
-                "fitted on the validation split; thresholds mapped to the calibrated scale"
-            )
-            markdown += f"\n## Calibration\n{card['calibration']}\n"
-        atomic.write_text(built / "model_card.md", markdown)
-        atomic.write_text(built / "model_card.json", json.dumps(card, indent=2))
+        build_archive(model, info).write_out(str(built), verbose=False)
+        card = _write_assets(built, run, info, metrics, thresholds, tta=tta, calibrate=calibrate)
         if target.exists():
             shutil.rmtree(target)
         built.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for found in card["degenerate_model"] or []:
+        warnings.warn(f"export {target}: {found}", DegenerateModelWarning, stacklevel=2)
     return target
+
+
+def _write_assets(
+    built: Path,
+    run: Run,
+    info: ModelInfo,
+    metrics: dict | None,
+    thresholds: dict | None,
+    *,
+    tta: bool,
+    calibrate: bool,
+) -> dict:
+    """The files beside the graph: model info, thresholds and the model card (returned)."""
+    atomic.write_json(built / EXPORT_INFO, info.to_json())
+    if thresholds is not None:
+        write_thresholds(built / EXPORT_THRESHOLDS, thresholds)
+    markdown, card = model_card(info, run.info, metrics, thresholds)
+    if tta:
+        card["test_time_augmentation"] = "built in: probabilities averaged over the views " + (
+            "identity, central 90% zoom, and both mirrored"
+            if may_mirror(run.spec.modality)
+            else "identity and central 90% zoom (not mirrored: radiograph)"
+        )
+        markdown += f"\n## Test-time augmentation\n{card['test_time_augmentation']}\n"
+    if calibrate:
+        card["calibration"] = (
+            f"temperature scaling inside the graph, T = {thresholds['temperature']:.4f}, "
+            "fitted on the validation split; thresholds mapped to the calibrated scale"
+        )
+        markdown += f"\n## Calibration\n{card['calibration']}\n"
+    atomic.write_text(built / "model_card.md", markdown)
+    atomic.write_json(built / "model_card.json", card)
+    return card

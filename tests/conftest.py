@@ -60,20 +60,21 @@ def tiny_run(tmp_path_factory) -> Path:
     from medtransfer.training.run import train
 
     root = tmp_path_factory.mktemp("tiny")
-    data = make_png_folders(root / "data")
-    spec = spec_from_dict(
-        {
-            "name": "tiny",
-            "task": "binary",
-            "classes": ["plain", "spot"],
-            "data": {"format": "folders", "path": str(data)},
-            "image": {"size": [32, 32], "channels": 1},
-            "model": {"backbone": "mobilenetv3small", "weights": "none"},
-            "training": {"epochs": 1, "batch_size": 8},
-        },
-        base_dir=root,
-    )
+    spec = spec_from_dict(tiny_config(make_png_folders(root / "data")), base_dir=root)
     return train(spec, root / "run", workers=0).path
+
+
+def tiny_config(data: Path, name: str = "tiny") -> dict:
+    """The spec of ``tiny_run`` for a folders dataset at ``data`` (plain / spot)."""
+    return {
+        "name": name,
+        "task": "binary",
+        "classes": ["plain", "spot"],
+        "data": {"format": "folders", "path": str(data)},
+        "image": {"size": [32, 32], "channels": 1},
+        "model": {"backbone": "mobilenetv3small", "weights": "none"},
+        "training": {"epochs": 1, "batch_size": 8},
+    }
 
 
 NOTEBOOK_SETTINGS = {

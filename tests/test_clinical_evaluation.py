@@ -5,6 +5,7 @@ computations from the written predictions."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -21,7 +22,7 @@ from medtransfer.evaluation.clinical import (
     rank_auroc,
     subgroups,
 )
-from medtransfer.evaluation.report import THRESHOLDS_FILE, evaluate
+from medtransfer.evaluation.report import THRESHOLDS_FILE, evaluate, read_thresholds
 from medtransfer.evaluation.stats import choose_threshold
 from medtransfer.spec import load_spec
 from medtransfer.training.run import EVALUATION_DIR, SPEC_FILE
@@ -74,8 +75,8 @@ def test_auroc_and_auprc_equal_scikit_learns_on_the_written_predictions(reports)
 
 
 def test_thresholds_are_kept_in_the_run_for_export(reports, tiny_run):
-    written = json.loads((reports["test"].out_dir / THRESHOLDS_FILE).read_text())
-    kept = json.loads((tiny_run / EVALUATION_DIR / THRESHOLDS_FILE).read_text())
+    written = read_thresholds(reports["test"].out_dir / THRESHOLDS_FILE)
+    kept = read_thresholds(tiny_run / EVALUATION_DIR / THRESHOLDS_FILE)
     assert written == kept and written["chosen_on"] == "val"
     points = reports["test"].metrics["operating_points"]["spot"]
     assert written["thresholds"]["spot"] == {k: v["threshold"] for k, v in points.items()}
@@ -152,8 +153,9 @@ def test_export_carries_the_thresholds_as_an_asset_and_in_the_model_card(
     assert json.loads(card)["decision_thresholds"] == written
     assert str(tmp_path.parent) not in card and str(tiny_run) not in card  # no local paths
     markdown = (exported / "model_card.md").read_text()
-    youden = written["thresholds"]["spot"]["youden"]
-    assert f"youden {youden:.4f}" in markdown and "95% CI" in markdown
+    youden = read_thresholds(exported / EXPORT_THRESHOLDS)["thresholds"]["spot"]["youden"]
+    shown = f"{youden:.4f}" if math.isfinite(youden) else "none (no image called positive)"
+    assert f"youden {shown}" in markdown and "95% CI" in markdown
 
 
 def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
@@ -165,7 +167,7 @@ def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
     from medtransfer.export import EXPORT_THRESHOLDS, export_model
     from medtransfer.training.run import open_run
 
-    written = json.loads((reports["test"].out_dir / THRESHOLDS_FILE).read_text())
+    written = read_thresholds(reports["test"].out_dir / THRESHOLDS_FILE)
     temperature = written["temperature"]
     exported = export_model(tiny_run, tmp_path / "cal" / "1", calibrate=True)
     images = np.random.default_rng(2).random((16, 32, 32, 1)).astype(np.float32)
@@ -174,7 +176,7 @@ def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
     calibrated = served(image=tf.constant(images))["probabilities"].numpy()
     expected = apply_temperature(probabilities_to_logits(raw), temperature)
     np.testing.assert_allclose(calibrated, expected, atol=1e-5)
-    mapped = json.loads((exported / EXPORT_THRESHOLDS).read_text())
+    mapped = read_thresholds(exported / EXPORT_THRESHOLDS)
     assert mapped["calibrated_with_temperature"] == temperature
     for point, threshold in written["thresholds"]["spot"].items():
         new = mapped["thresholds"]["spot"][point]

@@ -147,6 +147,23 @@ def choose_operating_points(
     return chosen
 
 
+_INFINITE_BECAUSE = {
+    "youden": "no finite threshold does better than chance (Youden's J > 0)",
+    "sensitivity": "a target sensitivity of 0 is met by calling no image positive",
+    "specificity": "no finite threshold reaches the target specificity",
+}
+
+
+def threshold_note(point: str, threshold: float) -> str | None:
+    """Why an operating point's threshold is +inf, for the JSON files, where it is written as
+    null (JSON has no infinity); None for a finite threshold. Thresholds chosen on validation
+    are a validation score or +inf (``stats.choose_threshold``), never -inf or NaN."""
+    if np.isfinite(threshold):
+        return None
+    why = _INFINITE_BECAUSE.get(point.split("_")[0], "the rule chose no finite threshold")
+    return f"null stands for +infinity (no image is called positive): on validation, {why}"
+
+
 def operating_points(
     y_true: np.ndarray,
     probabilities: np.ndarray,
@@ -154,15 +171,18 @@ def operating_points(
     thresholds: dict[str, dict[str, float]],
     settings: ClinicalSettings,
 ) -> dict[str, dict[str, dict]]:
-    """Sensitivity, specificity, PPV, NPV, F1 (with Wilson intervals) at each given threshold."""
+    """Sensitivity, specificity, PPV, NPV, F1 (with Wilson intervals) at each given threshold;
+    a threshold that is +inf gets a ``threshold_note`` saying why."""
     out: dict[str, dict[str, dict]] = {}
     for name, points in thresholds.items():
         k = classes.index(name)
         y, p, _ = _known(y_true[:, k], probabilities[:, k], None)
-        out[name] = {
-            point: confusion_metrics(y, p, threshold, settings.level)
-            for point, threshold in points.items()
-        }
+        out[name] = {}
+        for point, threshold in points.items():
+            entry = confusion_metrics(y, p, threshold, settings.level)
+            if note := threshold_note(point, threshold):
+                entry["threshold_note"] = note
+            out[name][point] = entry
     return out
 
 

@@ -15,6 +15,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 .note { color: #555; font-size: 0.9em; } .flag { color: #a33; }
+.warning { border: 3px solid #a33; background: #fdecea; color: #611; padding: 0.6em 1em; }
 figure { display: inline-block; margin: 0.5em; } figcaption { font-size: 0.85em; color: #555; }
 """
 
@@ -108,6 +109,15 @@ def _subgroups(metrics: dict) -> str:
     return _table(["subgroup", "images", "positives / negatives", "AUROC (DeLong CI)"], rows)
 
 
+def _warning(metrics: dict) -> str:
+    """A box above everything else when the model is degenerate: its figures are not results."""
+    degenerate = metrics.get("degenerate_model")
+    if not degenerate:
+        return ""
+    message = escape(degenerate["message"])
+    return f"<div class='warning' role='alert'><b>Warning:</b> {message}</div>"
+
+
 def render_report(metrics: dict, figures: dict[str, bytes], title: str) -> str:
     """The whole page as a string; ``figures`` maps a caption to PNG bytes."""
     settings = metrics["clinical_settings"]
@@ -126,7 +136,7 @@ def render_report(metrics: dict, figures: dict[str, bytes], title: str) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>{_STYLE}</style></head><body>
-<h1>{escape(title)}</h1>
+<h1>{escape(title)}</h1>{_warning(metrics)}
 <p>Split <b>{escape(metrics["split"])}</b>: {metrics["n_images"]} images,
 {metrics.get("n_patients", "?")} patients. Task: {escape(metrics["task"])}.
 Accuracy {_number(metrics["accuracy"])} ({escape(metrics["accuracy_definition"])}); balanced

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,13 @@ from medtransfer.evaluation.clinical import (
     operating_points,
     reported_classes,
     subgroups,
+    threshold_note,
 )
+from medtransfer.evaluation.degenerate import degenerate_model, warn_degenerate
 from medtransfer.evaluation.html_report import render_report
 from medtransfer.evaluation.metrics import compute_metrics
 from medtransfer.evaluation.plots import reliability_figure, roc_figure
-from medtransfer.predictor import load_predictor
+from medtransfer.predictor import ModelInfo, Predictor, load_predictor
 from medtransfer.spec import Spec
 from medtransfer.training.run import EVALUATION_DIR, MANIFEST_FILE, RUN_FILE
 
@@ -195,6 +198,45 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class _Validation:
+    """The validation split's predictions and what is chosen on them for the split evaluated."""
+
+    rows: pd.DataFrame
+    y: np.ndarray
+    probabilities: np.ndarray | None
+    thresholds: dict[str, dict[str, float]]
+    temperature: float | None
+
+
+def _validate(
+    predictor: Predictor,
+    spec: Spec,
+    source: Path,
+    split: str,
+    rows: pd.DataFrame,
+    probabilities: np.ndarray,
+    settings: ClinicalSettings,
+    workers: int | None,
+) -> _Validation:
+    """Operating points and the calibration temperature, chosen on the validation split (the
+    split being evaluated when that is val; none when the validation split is empty)."""
+    info = predictor.info
+    val_rows = rows if split == "val" else _split_rows(spec, source, "val")
+    if val_rows.empty:
+        return _Validation(val_rows, np.zeros((0, len(spec.classes))), None, {}, None)
+    p_val = probabilities if split == "val" else _predict(predictor, val_rows, workers)
+    y_val = targets(val_rows, spec.classes)
+    classes, task, positive = info.class_names, info.task, info.positive_class
+    return _Validation(
+        val_rows,
+        y_val,
+        p_val,
+        choose_operating_points(y_val, p_val, classes, task, positive, settings),
+        fit_calibration_temperature(y_val, p_val, task),
+    )
+
+
 def evaluate(
     model_dir: str | Path,
     spec: Spec,
@@ -213,6 +255,8 @@ def evaluate(
     are also kept in the run (``evaluation/thresholds.json``), where ``export`` picks them up.
     ``tta`` evaluates the model averaged over test-time views (``medtransfer.models.tta``);
     its thresholds are then the TTA model's, for an export made with ``--tta``.
+    A model whose predictions do not vary across the images of either split is flagged
+    (``degenerate_model`` in metrics.json, a box atop report.html, a DegenerateModelWarning).
     """
     settings = settings or ClinicalSettings()
     source = Path(model_dir)
@@ -229,9 +273,69 @@ def evaluate(
         raise SpecError(f"{spec.origin}: the {split} split has no images")
     probabilities = _predict(predictor, rows, workers)
     y = targets(rows, spec.classes)
+    val = _validate(predictor, spec, source, split, rows, probabilities, settings, workers)
+    metrics = _metrics(source, split, rows, y, probabilities, val, info, settings, tta)
+    warn_degenerate(metrics["degenerate_model"], f"evaluate {source}")
+    threshold_record = {
+        "chosen_on": "val",
+        "rule": "probability >= threshold",
+        "thresholds": val.thresholds,
+        "temperature": val.temperature,
+        "settings": settings.to_json(),
+    }
+    predictions = _predictions_table(rows, y, probabilities, info.class_names)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "metrics.json", metrics)
+    atomic.write_text(out / "predictions.csv", predictions.to_csv(index=False))
+    write_thresholds(out / THRESHOLDS_FILE, threshold_record)
+    title = f"{info.name}: {split} split (n={len(y)})"
+    figures = _figures(predictor, rows, y, probabilities, val, metrics, settings, title)
+    files = {"ROC": "roc.png", "Reliability": "reliability.png"}
+    for caption, png in figures.items():  # the third, if any, is the Grad-CAM overlay
+        atomic.write_bytes(out / files.get(caption, "gradcam.png"), png)
+    atomic.write_text(out / "report.html", render_report(metrics, figures, title))
+    if (source / RUN_FILE).is_file():
+        kept = source / EVALUATION_DIR
+        atomic.write_json(kept / f"metrics_{split}{'_tta' if tta else ''}.json", metrics)
+        write_thresholds(kept / thresholds_file_name(tta), threshold_record)
+    return Evaluation(metrics, predictions, out)
+
+
+def _predictions_table(
+    rows: pd.DataFrame, y: np.ndarray, probabilities: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
+    """predictions.csv: per image its labels (1, 0, or empty where unknown) and probabilities."""
+    predictions = rows[["path", "patient", "site", "label"]].reset_index(drop=True)
+    for k, name in enumerate(classes):
+        predictions[f"y_{name}"] = y[:, k]
+    for k, name in enumerate(classes):
+        predictions[f"prob_{name}"] = probabilities[:, k]
+    return predictions
+
+
+def _metrics(
+    source: Path,
+    split: str,
+    rows: pd.DataFrame,
+    y: np.ndarray,
+    probabilities: np.ndarray,
+    val: _Validation,
+    info: ModelInfo,
+    settings: ClinicalSettings,
+    tta: bool,
+) -> dict:
+    """Everything metrics.json holds for ``split``, with points and calibration from ``val``."""
     classes, task, positive = info.class_names, info.task, info.positive_class
-    metrics = compute_metrics(y, probabilities, classes, task, positive)
-    metrics = {"split": split, "model": str(source.resolve()), **metrics}
+    predicted = {split: probabilities}
+    if val.probabilities is not None:
+        predicted["val"] = val.probabilities
+    metrics = {
+        "split": split,
+        "model": str(source.resolve()),
+        "degenerate_model": degenerate_model(predicted, classes, task, positive),
+        **compute_metrics(y, probabilities, classes, task, positive),
+    }
     metrics["n_patients"] = int(rows["patient"].nunique())
     metrics["tta"] = tta
     metrics["balanced_accuracy"] = balanced_accuracy(y, probabilities, task)
@@ -239,67 +343,78 @@ def evaluate(
     metrics["discrimination"] = discrimination(
         y, probabilities, classes, task, positive, settings, rows["patient"].to_numpy()
     )
-
-    val_rows = rows if split == "val" else _split_rows(spec, source, "val")
-    thresholds, temperature, y_val = {}, None, np.zeros((0, len(spec.classes)))
-    if not val_rows.empty:
-        p_val = probabilities if split == "val" else _predict(predictor, val_rows, workers)
-        y_val = targets(val_rows, spec.classes)
-        thresholds = choose_operating_points(y_val, p_val, classes, task, positive, settings)
-        temperature = fit_calibration_temperature(y_val, p_val, task)
-    metrics["operating_points"] = operating_points(y, probabilities, classes, thresholds, settings)
+    metrics["operating_points"] = operating_points(
+        y, probabilities, classes, val.thresholds, settings
+    )
     positive_index = classes.index(positive or classes[-1])
     metrics["calibration"] = calibration(
-        y, probabilities, task, positive_index, settings, temperature
+        y, probabilities, task, positive_index, settings, val.temperature
     )
     headline = reported_classes(classes, task, positive)[0]
     metrics["subgroups_class"] = headline
     metrics["subgroups"] = subgroups(
         _subgroup_columns(rows, info.tabular), y, probabilities, classes.index(headline), settings
     )
-    threshold_record = {
-        "chosen_on": "val",
-        "rule": "probability >= threshold",
-        "thresholds": thresholds,
-        "temperature": temperature,
-        "settings": settings.to_json(),
-    }
+    return metrics
 
-    predictions = rows[["path", "patient", "site", "label"]].reset_index(drop=True)
-    for k, name in enumerate(classes):
-        predictions[f"y_{name}"] = y[:, k]  # 1, 0, or empty where a label is unknown
-    for k, name in enumerate(classes):
-        predictions[f"prob_{name}"] = probabilities[:, k]
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(metrics, indent=2)
-    atomic.write_text(out / "metrics.json", text)
-    atomic.write_text(out / "predictions.csv", predictions.to_csv(index=False))
-    atomic.write_text(out / THRESHOLDS_FILE, json.dumps(threshold_record, indent=2))
-    title = f"{info.name}: {split} split (n={len(y)})"
-    figures = {
-        "ROC": _png(roc_figure(y, probabilities, classes, task=task, positive_class=positive,
-                               title=f"{info.name}: ROC on {split} (n={len(y)})")),
-    }  # fmt: skip
+def _figures(
+    predictor: Predictor,
+    rows: pd.DataFrame,
+    y: np.ndarray,
+    probabilities: np.ndarray,
+    val: _Validation,
+    metrics: dict,
+    settings: ClinicalSettings,
+    title: str,
+) -> dict[str, bytes]:
+    """The report's PNGs by caption: ROC, reliability (binary and multiclass), Grad-CAM."""
+    info = predictor.info
+    classes, task, positive = info.class_names, info.task, info.positive_class
+    roc_title = f"{info.name}: ROC on {metrics['split']} (n={len(y)})"
+    roc = roc_figure(y, probabilities, classes, task=task, positive_class=positive, title=roc_title)
+    figures = {"ROC": _png(roc)}
     if "uncalibrated" in metrics["calibration"]:
         figures["Reliability"] = _png(reliability_figure(metrics["calibration"], title=title))
     if settings.gradcam_examples:
-        cut = thresholds.get(headline, {}).get("youden", 0.5)
-        without = val_rows.iloc[np.flatnonzero(y_val[:, classes.index(headline)] == 0)]
+        headline = metrics["subgroups_class"]
+        cut = val.thresholds.get(headline, {}).get("youden", 0.5)
+        without = val.rows.iloc[np.flatnonzero(val.y[:, classes.index(headline)] == 0)]
         cams = _gradcam_figure(
             predictor, rows, probabilities, y, headline, cut, settings.gradcam_examples, without
         )
         if cams is not None:
             figure, caption = cams
             figures[caption] = _png(figure)
-            atomic.write_bytes(out / "gradcam.png", figures[caption])
-    atomic.write_bytes(out / "roc.png", figures["ROC"])
-    if "Reliability" in figures:
-        atomic.write_bytes(out / "reliability.png", figures["Reliability"])
-    atomic.write_text(out / "report.html", render_report(metrics, figures, title))
-    if (source / RUN_FILE).is_file():
-        kept = source / EVALUATION_DIR
-        atomic.write_text(kept / f"metrics_{split}{'_tta' if tta else ''}.json", text)
-        atomic.write_text(kept / thresholds_file_name(tta), json.dumps(threshold_record, indent=2))
-    return Evaluation(metrics, predictions, out)
+    return figures
+
+
+def thresholds_for_json(record: dict) -> dict:
+    """The thresholds record as written: JSON has no infinity, so a +inf threshold is written
+    as null, with a note in ``threshold_notes[class][point]`` saying what it stands for."""
+    notes = {}
+    for name, points in record["thresholds"].items():
+        noted = {p: note for p, t in points.items() if (note := threshold_note(p, t))}
+        if noted:
+            notes[name] = noted
+    return {**record, "threshold_notes": notes}
+
+
+def write_thresholds(path: str | Path, record: dict) -> None:
+    """Write a thresholds record (in-memory thresholds may be +inf) as strict JSON."""
+    atomic.write_json(path, thresholds_for_json(record))
+
+
+def read_thresholds(path: str | Path) -> dict | None:
+    """A thresholds file (None if there is none) with each null threshold back to +inf, the
+    decision it stands for (no image called positive); older files' ``Infinity`` reads too."""
+    file = Path(path)
+    if not file.is_file():
+        return None
+    record = json.loads(file.read_text())
+    record.pop("threshold_notes", None)  # derived from the thresholds: rewritten with them
+    record["thresholds"] = {
+        name: {point: atomic.float_or(t, math.inf) for point, t in points.items()}
+        for name, points in record["thresholds"].items()
+    }
+    return record

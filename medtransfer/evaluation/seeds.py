@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,5 +66,5 @@ def evaluate_seeds(
         "accuracy": spread([e.metrics["accuracy"] for e in evaluations.values()]),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / SUMMARY_FILE, json.dumps(metrics, indent=2))
+    atomic.write_json(out / SUMMARY_FILE, metrics)
     return SeedsEvaluation(evaluations, metrics, out)

@@ -31,7 +31,6 @@ counts and prevalence use every image.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,7 +218,7 @@ def site_report(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report.out_dir = out
-        atomic.write_text(out / SITES_FILE, json.dumps(report.to_json(), indent=2))
+        atomic.write_json(out / SITES_FILE, report.to_json())
         embedding_figure(report).savefig(out / EMBEDDING_FILE)
         intensity_figure(report).savefig(out / INTENSITY_FILE)
     return report

@@ -8,7 +8,6 @@ member's test split, or the ensemble's test figures would be contaminated.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def create_ensemble(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunError(f"{out} already exists and is not empty (pass --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    val_aurocs = [float(run.info["best_val_auroc"]) for run in runs]
+    val_aurocs = [atomic.float_or(run.info["best_val_auroc"]) for run in runs]
     weights = member_weights(val_aurocs) if method == "weighted" else None
     model = ensemble_model(
         [run.load_model() for run in runs],
@@ -98,7 +97,7 @@ def create_ensemble(
         "best_epoch": None,
         "versions": package_versions(),
     }
-    atomic.write_text(out / RUN_FILE, json.dumps(info, indent=2))
+    atomic.write_json(out / RUN_FILE, info)
     return out
 
 

@@ -16,7 +16,6 @@ decode cache for the run that follows.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -353,7 +352,7 @@ def write_lr_find(result: LrFindResult, out_dir: str | Path, *, spec_name: str) 
         "steps_run": len(result.learning_rates),
         "stopped_early": result.stopped_early,
     }
-    atomic.write_text(out / JSON_FILE, json.dumps(info, indent=2, allow_nan=False))
+    atomic.write_json(out / JSON_FILE, info)
     png = io.BytesIO()
     lr_find_figure(result).savefig(png, format="png", dpi=120)
     atomic.write_bytes(out / PNG_FILE, png.getvalue())

@@ -7,11 +7,14 @@ the PHI-free manifest with its splits, the training history and the best model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from medtransfer import atomic
 from medtransfer.data.augment import make_augmenter
@@ -33,6 +37,7 @@ from medtransfer.data.pipeline import (
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.data.tabular import summary as tabular_summary
 from medtransfer.errors import RunError
+from medtransfer.evaluation.degenerate import degenerate_model, warn_degenerate
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.spec import Spec, dump_spec, load_spec
 from medtransfer.training import domain
@@ -149,6 +154,12 @@ def train(
     with a ``run.json`` is a finished one. ``resume=True`` carries on an unfinished run from its
     last completed epoch (``spec`` may then be None: the run's own is used) and ends with the
     same weights an uninterrupted run would have. ``callbacks`` are added to every ``fit``.
+
+    A train that raises before its first checkpoint (offline ImageNet weights, unreadable data)
+    removes what it created, so the same command can simply run again; after a checkpoint the
+    run stays for ``resume``. A model whose validation predictions do not vary across images
+    is recorded in ``run.json`` (``degenerate_model``) and warned about
+    (:class:`~medtransfer.errors.DegenerateModelWarning`).
     """
     out = Path(out_dir)
     plan = plan_execution()
@@ -156,6 +167,22 @@ def train(
     apply_precision(plan)
     if not plan.is_chief:  # in a multi-worker cluster only the chief writes the run
         out = Path(tempfile.mkdtemp(prefix="medtransfer-worker-"))
+    with _undone_if_failed_before_a_checkpoint(out):
+        run = _train(spec, out, plan, strategy, overwrite, resume, workers, callbacks)
+    warn_degenerate(run.info["degenerate_model"], f"train {out}")
+    return run
+
+
+def _train(
+    spec: Spec | None,
+    out: Path,
+    plan: ExecutionPlan,
+    strategy: tf.distribute.Strategy,
+    overwrite: bool,
+    resume: bool,
+    workers: int | None,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> Run:
     checkpoint: Checkpoint | None = None
     if resume:
         spec, checkpoint = _resumable(out, spec)
@@ -198,9 +225,39 @@ def train(
         adabn = None
         if spec.domain_adaptation.method == "adabn":  # the best model, re-normalised for target
             adabn = domain.apply_adabn(out / MODEL_FILE, target_x)
+    adaptation = domain.run_info(
+        spec,
+        manifest,
+        input_count(train_x),
+        input_count(val_x),
+        0 if target_x is None else len(target_x),
+        adabn,
+    )
+    info = _run_info(spec, state, phases, manifest, adaptation)
+    info |= {
+        "degenerate_model": _kept_model_degeneracy(Run(out, info), (val_x, val_y)),
+        "train_seconds": round(time.time() - started, 1),
+        # this process's CPU time, all threads (decode worker processes not included)
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "resumed": resume,
+        "execution": plan.describe(),
+        "versions": package_versions(),
+    }
+    atomic.write_json(out / RUN_FILE, info)
+    return Run(out, info)
+
+
+def _run_info(
+    spec: Spec,
+    state: TrainingState,
+    phases: list[Phase],
+    manifest: pd.DataFrame,
+    adaptation: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``run.json`` says about the model and its training (the data behind it included)."""
     val_auc = state.val_auc
     best = int(np.nanargmax(val_auc))
-    info = {
+    return {
         "name": spec.name,
         "task": spec.task,
         "classes": list(spec.classes),
@@ -227,24 +284,65 @@ def train(
         "images": manifest["split"].value_counts().to_dict(),
         "tabular": [feature.model_dump(mode="json") for feature in spec.tabular],
         "tabular_summary": tabular_summary(manifest[manifest["split"] == "train"], spec.tabular),
-        "domain_adaptation": domain.run_info(
-            spec,
-            manifest,
-            input_count(train_x),
-            input_count(val_x),
-            0 if target_x is None else len(target_x),
-            adabn,
-        ),
+        "domain_adaptation": adaptation,
         "data_fingerprint": state.data_fingerprint,
-        "train_seconds": round(time.time() - started, 1),
-        # this process's CPU time, all threads (decode worker processes not included)
-        "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        "resumed": resume,
-        "execution": plan.describe(),
-        "versions": package_versions(),
     }
-    atomic.write_text(out / RUN_FILE, json.dumps(info, indent=2))
-    return Run(out, info)
+
+
+def _kept_model_degeneracy(run: Run, val_xy: tuple[Inputs, np.ndarray]) -> dict | None:
+    """Whether the model the run keeps (``model.keras``: the best epoch, after AdaBN) gives
+    the validation images (almost) the same prediction: the degenerate model
+    ``medtransfer.evaluation.degenerate`` describes, which training alone would not reveal."""
+    model = run.load_model()
+    batch = run.spec.training.batch_size
+    p_val = model.predict(make_dataset(*val_xy, batch_size=batch), verbose=0)
+    info = run.info
+    return degenerate_model({"val": p_val}, info["classes"], info["task"], info["positive_class"])
+
+
+@contextmanager
+def _undone_if_failed_before_a_checkpoint(out: Path) -> Iterator[None]:
+    """Remove what a train created when it raises before its first checkpoint was written, so
+    that the same command can be run again instead of finding "not empty" in its way.
+
+    Only what this train created goes: the folder (and any parents) it made, or the new entries
+    of a folder that existed (empty, or with content under ``overwrite``, or a run being
+    resumed). Once ``checkpoint.npz`` exists the run stays, for ``resume``. A
+    KeyboardInterrupt keeps everything too: the CLI then offers ``--resume``.
+    """
+    created = _outermost_missing(out)
+    before = {e.name for e in out.iterdir()} if created is None and out.is_dir() else set()
+    try:
+        yield
+    except Exception:
+        if not (out / CHECKPOINT_FILE).is_file():
+            _remove_created(out, created, before)
+        raise
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder on the way to ``path`` that does not exist yet, if any."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_created(out: Path, created: Path | None, before: set[str]) -> None:
+    """Best effort: a cleanup that fails must not hide the error that caused it."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in out.iterdir() if out.is_dir() else ():
+        if entry.name in before:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def _fit_phases(

@@ -21,9 +21,9 @@ from medtransfer.training.run import RUN_FILE, SPEC_FILE, Run, open_run, train
 SEEDS_FILE = "seeds.json"
 
 
-def spread(values: Sequence[float]) -> dict[str, Any]:
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean and sample standard deviation (n - 1; 0 for a single value) with the values."""
-    values = [float(v) for v in values]
+    values = [atomic.float_or(v) for v in values]  # null (NaN written as JSON) reads as NaN
     sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return {"values": values, "mean": float(np.mean(values)), "sd": sd}
 
@@ -92,7 +92,7 @@ def train_seeds(
             seeded = base.with_overrides(training={"seed": seed})
             runs.append(train(seeded, run_dir, overwrite=overwrite, workers=workers))
     result = SeedRuns(out, runs)
-    atomic.write_text(out / SEEDS_FILE, json.dumps(result.info, indent=2))
+    atomic.write_json(out / SEEDS_FILE, result.info)
     return result
 
 
