@@ -1,23 +1,27 @@
 """The ``medtransfer`` command line: a thin layer over the Python API.
 
 Exit codes (the contract in DESIGN.md): 0 done, 1 done with per-file errors, 2 bad usage, a bad
-spec, or inputs the command cannot work with (reported in one line, no traceback).
+spec, or inputs the command cannot work with; 3 the command failed (a full disk, a read-only
+output, a crash); 130 interrupted (Ctrl-C). Each is reported in one line, without a traceback
+(``MEDTRANSFER_DEBUG=1`` adds it for a failure).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import get_args
 
-from medtransfer.errors import MedtransferError
+from medtransfer.errors import DegenerateModelWarning, MedtransferError
 from medtransfer.spec import Preset
 
-EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_RESUMABLE = {"train": "--resume", "score": "--resume", "inspect": "--resume"}
 
 
 def _quiet_tensorflow() -> None:
@@ -76,8 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     run = train(spec, args.out, **options)
     info = run.info
+    auroc = info["best_val_auroc"]  # null in run.json when validation AUROC was undefined
     print(
-        f"run written to {run.path}: best validation AUROC {info['best_val_auroc']:.4f} "
+        f"run written to {run.path}: best validation AUROC "
+        f"{'undefined' if auroc is None else f'{auroc:.4f}'} "
         f"at epoch {info['best_epoch']}/{info['epochs_run']} ({info['train_seconds']} s)"
     )
     return EXIT_OK
@@ -160,7 +166,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare_reports(args.report_a, args.report_b)
     print(comparison_summary(result, args.report_a, args.report_b))
     if args.out:
-        atomic.write_text(args.out, json.dumps(result, indent=2))
+        atomic.write_json(args.out, result)
     return EXIT_OK
 
 
@@ -197,6 +203,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         decode_here=not args.pool_only,
+        limits=_decode_limits(args),
     )
     print(summary)
     return summary.exit_code
@@ -206,9 +213,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from medtransfer.inspect import inspect_folder
 
     options = {"workers": args.workers, "resume": args.resume, "progress": not args.no_progress}
-    summary = inspect_folder(args.input_dir, args.out, **options)
+    summary = inspect_folder(args.input_dir, args.out, limits=_decode_limits(args), **options)
     print(summary)
     return summary.exit_code
+
+
+def _decode_limits(args: argparse.Namespace):
+    from medtransfer.folder_pool import DecodeLimits
+
+    return DecodeLimits(
+        timeout=args.decode_timeout or None,
+        memory=int(args.worker_memory * 2**30) if args.worker_memory else None,
+        max_pixels=args.max_pixels or None,
+    )
+
+
+def _add_decode_limits(parser: argparse.ArgumentParser) -> None:
+    from medtransfer.folder_pool import DEFAULT_TIMEOUT, DEFAULT_WORKER_MEMORY
+    from medtransfer.io import DEFAULT_MAX_PIXELS
+
+    limits = parser.add_argument_group("limits per file (0 lifts a limit)")
+    limits.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="a file still decoding after this long becomes an error row and its worker is "
+        "replaced (default: %(default)g)",
+    )
+    limits.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse, before decoding, an image whose header claims more samples "
+        "(rows x columns x samples x frames decoded) (default: %(default)d)",
+    )
+    limits.add_argument(
+        "--worker-memory",
+        type=float,
+        default=DEFAULT_WORKER_MEMORY / 2**30,
+        metavar="GIB",
+        help="address-space cap of each decode worker (default: %(default)g)",
+    )
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
@@ -360,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = verbs.add_parser("export", help="export a run as a TF Serving SavedModel")
     export.add_argument("run", metavar="RUN_DIR")
-    export.add_argument("--out", required=True, help="DIR/NAME/VERSION, e.g. models/cxr/1")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="DIR/NAME/VERSION, e.g. models/cxr/1; DIR/NAME exports its next version",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
     export.add_argument(
         "--tta", action="store_true", help="build test-time augmentation into the graph"
@@ -388,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--resume", action="store_true", help="keep rows already in --out")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decode_limits(score)
     score.set_defaults(func=cmd_score)
 
     inspect = verbs.add_parser(
@@ -398,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
     inspect.add_argument("--resume", action="store_true", help="keep rows already in --out")
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decode_limits(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     sites = verbs.add_parser(
@@ -453,10 +506,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args, warnings.showwarning)
+            return args.func(args)
     except MedtransferError as error:
-        print(f"medtransfer {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report(args, f"error: {error}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        resume = _RESUMABLE.get(args.command)
+        kept = f"; what was written is kept: rerun with {resume} to carry on" if resume else ""
+        return _report(args, f"interrupted{kept}", EXIT_INTERRUPTED)
+    except OSError as error:  # a full disk, a read-only or vanished output folder
+        where = f" ({error.filename})" if error.filename else ""
+        return _report(args, f"failed: {error.strerror or error}{where}", EXIT_FAILED)
+    except Exception as error:
+        from medtransfer.folder_pool import describe
+
+        if os.environ.get("MEDTRANSFER_DEBUG"):
+            traceback.print_exc()
+        hint = "" if os.environ.get("MEDTRANSFER_DEBUG") else " (MEDTRANSFER_DEBUG=1 shows where)"
+        return _report(args, f"failed: internal error {describe(error)}{hint}", EXIT_FAILED)
+
+
+def _one_line_warning(args: argparse.Namespace, default: Callable) -> Callable:
+    """A DegenerateModelWarning shown as ``medtransfer VERB: warning: ...`` on stderr, not as
+    Python's file:line with a source excerpt; other warnings as Python shows them."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DegenerateModelWarning):
+            print(f"medtransfer {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _report(args: argparse.Namespace, message: str, code: int) -> int:
+    """One line on stderr: a user (or a script reading the exit code) needs the what, not a
+    traceback; the message of an unexpected error is left out, as it may quote DICOM values."""
+    print(f"medtransfer {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

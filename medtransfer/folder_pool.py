@@ -8,8 +8,7 @@ the OOM killer, a run killed half-way). Three pieces, each usable alone:
 - ``FolderPool``: applies a picklable function to files in a ``spawn`` pool, keeps a bounded
   window in flight, yields results in crawl order, and turns any failure (an exception, a worker
   that died) into that one file's error instead of the run's.
-- ``CsvOutput``: appends rows to ``<out>.partial`` as they come, resumes from its longest valid
-  prefix, and publishes the finished table atomically, so readers never see half a table.
+- ``folder_output.CsvOutput`` (its own module): the table, written atomically, resumable, locked.
 
 Workers are spawned, not forked, and import only what the function's module imports: forking a
 process that has initialised TensorFlow can hang.
@@ -17,11 +16,10 @@ process that has initialised TensorFlow can hang.
 
 from __future__ import annotations
 
-import csv
-import io
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import stat
 import statistics
@@ -33,22 +31,25 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from medtransfer import atomic
 from medtransfer.errors import MedtransferError
+from medtransfer.io import DEFAULT_MAX_PIXELS
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WORKER_MEMORY",
     "WORKER_DIED",
-    "CsvOutput",
+    "DecodeLimits",
     "FolderError",
     "FolderPool",
     "LocalFirst",
     "Outcome",
-    "ParquetOutput",
     "check_paths",
     "crawl",
     "describe",
@@ -56,13 +57,39 @@ __all__ = [
 
 T = TypeVar("T")
 WORKER_DIED = "decode worker process died on this file (out of memory or a crash in a decoder)"
-# newline="" lets the csv module quote newlines in paths; surrogateescape keeps undecodable
-# (non-UTF-8) file names byte-exact instead of failing on them.
-CSV_FILE: dict[str, Any] = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+# A per-file limit on a worker's time: the largest real radiographs decode in well under 2 s
+# here, so a minute only ever stops a decoder caught in a loop (a known class of JPEG 2000 bug).
+DEFAULT_TIMEOUT = 60.0
+# A worker's address-space cap: decoding the largest real radiograph peaks near 0.25 GiB, and a
+# decoder that believes a forged header (65535 x 65535) fails its allocation instead of growing
+# until the kernel's OOM killer picks a process, perhaps the main one.
+DEFAULT_WORKER_MEMORY = 4 * 2**30
 
 
 class FolderError(MedtransferError, ValueError):
     """Arguments that make a folder run impossible or unsafe; the CLI reports them in one line."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one hostile file may cost a folder run: ``timeout`` seconds of a worker,
+    ``memory`` bytes of a worker's address space, ``max_pixels`` samples decoded (checked from
+    the header before decoding). ``None`` lifts a limit."""
+
+    timeout: float | None = DEFAULT_TIMEOUT
+    memory: int | None = DEFAULT_WORKER_MEMORY
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise FolderError(f"need a decode time limit > 0 seconds, got {self.timeout}")
+        if self.memory is not None and self.memory < 2**28:
+            raise FolderError(f"need a worker memory limit of at least 256 MiB, got {self.memory}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise FolderError(f"need a pixel budget >= 1, got {self.max_pixels}")
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 
 # --- crawling -------------------------------------------------------------------------------------
@@ -72,20 +99,43 @@ def crawl(input_dir: str | os.PathLike) -> Iterator[str]:
     """Yield every file the contract checker (``os.walk``) sees, as sorted relative paths.
 
     Hidden files are included because the contract counts them; symlinked directories are not
-    followed (as ``os.walk``), symlinked files are. Only one directory listing is held at a time.
+    followed (as ``os.walk``), symlinked files are, and a symlink that cannot be resolved (a loop,
+    a dangling link) is yielded as a file, whose row then says why it cannot be read. A subfolder
+    that cannot be listed is yielded as ``"<rel>/"``: it becomes one error row, since its files
+    cannot be known. Only one directory listing is held at a time.
     """
-    yield from _crawl(os.fspath(input_dir), "")
+    root = os.fspath(input_dir)
+    try:
+        entries = _listing(root)
+    except OSError as exc:
+        raise FolderError(f"cannot list input folder {root}: {exc.strerror or exc}") from exc
+    yield from _crawl(root, "", entries)
 
 
-def _crawl(root: str, rel_dir: str) -> Iterator[str]:
-    with os.scandir(os.path.join(root, rel_dir)) as listing:
-        entries = sorted(listing, key=lambda entry: entry.name)
+def _listing(folder: str) -> list[os.DirEntry]:
+    with os.scandir(folder) as listing:
+        return sorted(listing, key=lambda entry: entry.name)
+
+
+def _crawl(root: str, rel_dir: str, entries: list[os.DirEntry]) -> Iterator[str]:
     for entry in entries:
         rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-        if not entry.is_dir():
+        if not _is_dir(entry):
             yield rel
         elif not entry.is_symlink():
-            yield from _crawl(root, rel)
+            try:
+                listing = _listing(entry.path)
+            except OSError:
+                yield rel + "/"
+                continue
+            yield from _crawl(root, rel, listing)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop: os.walk lists it as a file too
+        return False
 
 
 def check_paths(input_dir: str | os.PathLike, out_csv: str | os.PathLike) -> tuple[str, Path]:
@@ -121,6 +171,56 @@ class Outcome(Generic[T]):
     error: str = ""
 
 
+def unreadable(path: str) -> str:
+    """Why a crawled entry cannot be given to a decoder ("" when it can), from ``stat`` alone.
+
+    Nothing is opened: opening a FIFO blocks until a writer comes, which may be never.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or type(exc).__name__}"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        try:
+            os.scandir(path).close()
+        except OSError as exc:
+            return f"cannot list folder: {exc.strerror or type(exc).__name__}"
+        return "cannot list folder: it could not be read while the folder was crawled"
+    return f"not a regular file: {_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')}"
+
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+_worker_timeout: float | None = None  # seconds per file; set in decode workers only
+
+
+@contextmanager
+def _deadline() -> Iterator[None]:
+    """In a decode worker, end the process if the work inside takes longer than the time limit.
+
+    The kernel delivers SIGALRM, whose default action ends the process even while a compiled
+    decoder is caught in a loop (a Python handler would wait for it to return). The alarm is off
+    again before the result is sent, so a worker is never killed half-way through writing it to
+    the pipe it shares with the others: a partial message there would hang the pool's reader.
+    """
+    if _worker_timeout is None:
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, _worker_timeout)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def _call(
     fn: Callable[..., T], root: str, rel: str, args: tuple, expected: tuple[type[Exception], ...]
 ) -> Outcome[T]:
@@ -128,14 +228,16 @@ def _call(
     unpickle would break the whole pool, and one file must never stop the others."""
     try:
         path = os.path.join(root, rel)
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return Outcome(rel, error="not a regular file")
-        with warnings.catch_warnings():
+        if problem := unreadable(path):  # checked again: the file may have changed since
+            return Outcome(rel, error=problem)
+        with warnings.catch_warnings(), _deadline():
             # pydicom warnings quote element values (possible PHI) and would tear progress bars.
             warnings.simplefilter("ignore")
             return Outcome(rel, fn(path, *args))
     except expected as exc:
         return Outcome(rel, error=" ".join(str(exc).split()) or "unreadable file")
+    except MemoryError:
+        return Outcome(rel, error="out of memory: decoding needs more than the worker memory limit")
     except OSError as exc:
         return Outcome(rel, error=f"cannot read file: {exc.strerror or type(exc).__name__}")
     except Exception as exc:
@@ -150,10 +252,18 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}{where}"
 
 
-def _init_worker() -> None:
+def _init_worker(memory_limit: int | None, timeout: float | None) -> None:
     """Ctrl-C is the main process's to handle (workers would only print tracebacks), and a worker
-    whose main process was killed must exit rather than idle on as an orphan holding memory."""
+    whose main process was killed must exit rather than idle on as an orphan holding memory.
+    ``memory_limit`` caps the worker's address space, so a decoder fooled by a forged header
+    fails one allocation (one error row) instead of exhausting the machine; ``timeout`` is the
+    per-file time limit (see ``_deadline``)."""
+    global _worker_timeout
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    _worker_timeout = timeout
+    if memory_limit is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_when_closed, args=(parent.sentinel,), daemon=True).start()
@@ -193,7 +303,12 @@ class LocalFirst:
         self._recent: deque[float] = deque(maxlen=self.WINDOW)
 
     def takes(self, path: str) -> bool:
-        return self.active and self._eligible(path)
+        """Nothing decided in the main process may raise: a file the check cannot judge goes to
+        the pool, where failures are contained."""
+        try:
+            return self.active and self._eligible(path)
+        except Exception:
+            return False
 
     def record(self, seconds: float) -> None:
         self.local_runs += 1
@@ -218,12 +333,20 @@ class FolderPool(Generic[T]):
     file's error; any other exception becomes ``internal error: <type> at <file:line>``.
     ``workers=0`` runs ``fn`` in this process, for debugging and small folders; ``local`` runs
     the files it takes in this process and the rest in workers (see ``LocalFirst``). The pool
-    starts with the first file sent to it, so a folder run wholly here never spawns it.
+    starts with the first file sent to it, so a folder run wholly here never spawns it. What is
+    not a regular file (a FIFO, a socket, a folder that could not be listed, a symlink loop) is
+    answered here from ``stat`` alone, never opened.
 
-    When a worker dies (OOM killer, segfault in a codec) every file in flight fails with
-    BrokenProcessPool and nothing says which one was the cause, so those files are retried one at
-    a time in a fresh pool: innocent files still succeed, and a file that kills a worker on its
-    own gets ``WORKER_DIED`` as its error.
+    A worker gets ``limits.timeout`` seconds per file: past that it ends itself (``_deadline``)
+    and the file is handled as one that killed its worker, below, with the error ``decode timed
+    out after N s`` (so a file past the limit costs up to twice the limit). ``limits.memory``
+    caps each worker's address space. Neither applies to files run in this process, which is why
+    only files that need no compiled codec may be; the pixel budget is for ``fn`` to apply.
+
+    When a worker dies (OOM killer, segfault in a codec, the time limit) every file in flight
+    fails with BrokenProcessPool and nothing says which one was the cause, so those files are
+    retried one at a time in a fresh pool: innocent files still succeed, and a file that kills a
+    worker on its own gets ``WORKER_DIED`` (or the time-limit message) as its error.
     """
 
     def __init__(
@@ -235,17 +358,22 @@ class FolderPool(Generic[T]):
         workers: int = 2,
         expected: tuple[type[Exception], ...] = (),
         local: LocalFirst | None = None,
+        limits: DecodeLimits = DEFAULT_LIMITS,
     ) -> None:
         if workers < 0:
             raise FolderError(f"need workers >= 0, got {workers}")
         self._root, self._fn, self._args, self._expected = root, fn, args, expected
         self._workers, self._local = workers, local
+        self._timeout, self._memory_limit = limits.timeout, limits.memory
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> FolderPool[T]:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        # On an error or Ctrl-C, queued files are dropped and the workers finish the file they
+        # hold (within the time limit). They are not killed: one killed while sending its result
+        # would leave a partial message that hangs the pool's reader, and this interpreter's exit.
         if self._pool is not None:
             self._pool.shutdown(wait=exc_info[0] is None, cancel_futures=True)
 
@@ -264,10 +392,13 @@ class FolderPool(Generic[T]):
             yield self._result(job, jobs)
 
     def _submit(self, rel: str) -> Future:
+        path = os.path.join(self._root, rel)
+        if problem := unreadable(path):
+            return _done(Outcome(rel, error=problem))
         call = (self._fn, self._root, rel, self._args, self._expected)
         if self._workers == 0:
             return _done(_call(*call))
-        if self._local is not None and self._local.takes(os.path.join(self._root, rel)):
+        if self._local is not None and self._local.takes(path):
             start = time.perf_counter()
             outcome = _call(*call)
             self._local.record(time.perf_counter() - start)
@@ -297,6 +428,7 @@ class FolderPool(Generic[T]):
                 self._workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
+                initargs=(self._memory_limit, self._timeout),
             )
 
     def _recover(self, jobs: list[_Job]) -> None:
@@ -306,158 +438,24 @@ class FolderPool(Generic[T]):
                 job.future = _done(self._run_alone(job.path))
 
     def _run_alone(self, rel: str) -> Outcome[T]:
+        job = _Job(rel, self._submit(rel))
+        # the process that runs it: the pool's only busy one (private, but the only way to know)
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
         try:
-            return _outcome(_Job(rel, self._submit(rel)))
+            return _outcome(job)
         except BrokenProcessPool:
             self._restart()
-            return Outcome(rel, error=WORKER_DIED)
+        if any(process.exitcode == -signal.SIGALRM for process in processes):
+            return Outcome(rel, error=f"decode timed out after {self._timeout:g} s")
+        return Outcome(rel, error=WORKER_DIED)
 
 
 def _outcome(job: _Job) -> Outcome:
-    """The worker's result; BrokenProcessPool propagates, anything else (e.g. arguments or a result
-    that failed to pickle) becomes this file's error."""
+    """The worker's result; BrokenProcessPool propagates, anything else (e.g. arguments or a
+    result that failed to pickle) becomes this file's error."""
     try:
         return job.future.result()
     except BrokenProcessPool:
         raise
     except Exception as exc:
         return Outcome(job.path, error=f"internal error: {describe(exc)}")
-
-
-# --- the output file ------------------------------------------------------------------------------
-
-
-def _csv_records(path: Path) -> list[list[str]]:
-    """A CSV file's records, without a torn last line (a run killed mid-write)."""
-    with open(path, **CSV_FILE) as handle:
-        text = handle.read()
-    records = list(csv.reader(io.StringIO(text)))
-    return records if text.endswith("\r\n") else records[:-1]
-
-
-class CsvOutput:
-    """``out`` written through ``<out>.partial``: rows are appended (and flushed) as they come,
-    so a killed run loses at most the rows not yet written; the finished file replaces ``out``
-    atomically.
-
-    With ``resume=True`` the rows of an earlier run (its partial file, else its finished output)
-    are kept up to the first torn or invalid one (``row_is_valid`` judges a row of the right
-    length): ``pending`` then skips their files, and ``kept_rows`` holds those still present.
-    """
-
-    def __init__(
-        self,
-        out: Path,
-        columns: list[str],
-        *,
-        resume: bool,
-        row_is_valid: Callable[[list[str]], bool],
-    ) -> None:
-        self.out, self.columns, self._valid = out, columns, row_is_valid
-        self.partial = out.with_name(out.name + ".partial")
-        previous = self._read_previous() if resume else []
-        with atomic.replace_on_success(self.partial, "w", **CSV_FILE) as handle:
-            csv.writer(handle).writerows([columns, *previous])
-        self._previous = {row[0]: row for row in previous}
-        self.kept_rows: list[list[str]] = []
-        self._sink: io.TextIOBase | None = None
-
-    def pending(self, paths: Iterable[str]) -> Iterator[str]:
-        """The paths that still need a row; rows kept for the others go to ``kept_rows``."""
-        for path in paths:
-            if path in self._previous:
-                self.kept_rows.append(self._previous[path])
-            else:
-                yield path
-
-    def __enter__(self) -> CsvOutput:
-        self._sink = open(self.partial, "a", **CSV_FILE)  # closed in __exit__
-        self._writer = csv.writer(self._sink)
-        return self
-
-    def write(self, rows: list[list[str]]) -> None:
-        self._writer.writerows(rows)
-        self._sink.flush()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._sink.close()
-        if exc_info[0] is None:
-            kept = {row[0] for row in self.kept_rows}
-            self._finalise(stale=self._previous.keys() - kept)
-
-    def _finalise(self, stale: set[str]) -> None:
-        """Publish the partial file as the output, without rows for files that have since gone."""
-        with (
-            open(self.partial, **CSV_FILE) as source,
-            atomic.replace_on_success(self.out, "w", **CSV_FILE) as target,
-        ):
-            writer = csv.writer(target)
-            writer.writerows(row for row in csv.reader(source) if row[0] not in stale)
-        self.partial.unlink()
-
-    def _read_previous(self) -> list[list[str]]:
-        """Rows of an interrupted (partial) or finished (out) earlier run; partial is newer."""
-        if self.partial.exists():
-            source, records = self.partial, _csv_records(self.partial)
-        elif self.out.exists():
-            source, records = self.out, self._finished_records()
-        else:
-            return []
-        if not records:
-            return []
-        if records[0] != self.columns:
-            raise FolderError(
-                f"cannot resume from {source}: it has columns {records[0]}, this run needs "
-                f"{self.columns}; write to a new output or run without resume"
-            )
-        return self._valid_prefix(records[1:])
-
-    def _finished_records(self) -> list[list[str]]:
-        """The header and rows of a finished output, as text."""
-        return _csv_records(self.out)
-
-    def _valid_prefix(self, records: list[list[str]]) -> list[list[str]]:
-        """Keep rows up to the first one that is torn or malformed: dropping a good row only costs
-        a rerun of its file, keeping a bad one would put a wrong value in the output."""
-        kept: list[list[str]] = []
-        seen: set[str] = set()
-        for row in records:
-            if len(row) != len(self.columns) or row[0] in seen or not self._valid(row):
-                break
-            seen.add(row[0])
-            kept.append(row)
-        return kept
-
-
-class ParquetOutput(CsvOutput):
-    """As ``CsvOutput``, but the finished table is Parquet, with ``float_columns`` as float32
-    (empty cells become nulls). The partial file stays CSV: appendable row by row and readable
-    after a kill. Needs pyarrow (``pip install medtransfer[parquet]``).
-    """
-
-    def __init__(self, out: Path, columns: list[str], *, float_columns: Iterable[str], **kw: Any):
-        self.float_columns = [c for c in columns if c in set(float_columns)]
-        super().__init__(out, columns, **kw)
-
-    def _finalise(self, stale: set[str]) -> None:
-        import pandas as pd
-
-        table = pd.read_csv(self.partial, dtype=str, keep_default_na=False)
-        table = table[~table[self.columns[0]].isin(stale)]
-        for column in self.float_columns:
-            table[column] = pd.to_numeric(table[column].replace("", None)).astype("float32")
-        with atomic.replace_on_success(self.out, "wb") as handle:
-            table.to_parquet(handle, index=False)
-        self.partial.unlink()
-
-    def _finished_records(self) -> list[list[str]]:
-        import numpy as np
-        import pandas as pd
-
-        table = pd.read_parquet(self.out)
-        for column in self.float_columns:  # back to the shortest text of the same float32
-            table[column] = [
-                "" if np.isnan(v) else np.format_float_positional(v, unique=True, trim="-")
-                for v in table[column].to_numpy(np.float32)
-            ]
-        return [list(table.columns), *table.astype(str).to_numpy().tolist()]

@@ -27,8 +27,15 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from tqdm import tqdm
 
-from medtransfer.folder_pool import CsvOutput, FolderPool, check_paths, crawl
-from medtransfer.io import ImageReadError, UnsupportedDicomError, is_dicom, load_image
+from medtransfer.folder_output import CsvOutput
+from medtransfer.folder_pool import DEFAULT_LIMITS, DecodeLimits, FolderPool, check_paths, crawl
+from medtransfer.io import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    UnsupportedDicomError,
+    is_dicom,
+    load_image,
+)
 
 __all__ = ["COLUMNS", "STATUSES", "InspectSummary", "inspect_file", "inspect_folder"]
 
@@ -59,14 +66,14 @@ _TOP_REASONS = 5
 # --- one file (runs in a worker) ------------------------------------------------------------------
 
 
-def inspect_file(path: str) -> list[str]:
+def inspect_file(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
     """``[status, reason, *tag cells]`` for one file, after a full decode of its first frame.
 
     Failures keep the tags the header still gives (rows, transfer syntax...), because "which
     encodings fail" is the question a QA table is read for.
     """
     try:
-        image = load_image(path)
+        image = load_image(path, max_pixels=max_pixels)
     except UnsupportedDicomError as exc:
         header = _read_header(path)
         # Unsupported covers both "no image at all" (skipped) and an image this build cannot
@@ -196,17 +203,19 @@ def inspect_folder(
     workers: int = 2,
     resume: bool = False,
     progress: bool = True,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> InspectSummary:
     """Decode every file under ``input_dir`` and write ``qa.csv`` (one row per file) atomically.
 
     A bad file is an error row, never a stopped run. ``workers=0`` decodes in this process.
     ``resume=True`` keeps the rows of an interrupted (or finished) run and inspects the rest.
+    ``limits`` bounds what one file may cost, as for ``score``.
     Raises FolderError (a MedtransferError) for a missing folder, an output inside the input
-    folder or a negative ``workers``.
+    folder, a negative ``workers`` or an output another run is writing.
     """
     start = time.monotonic()
     root, out = check_paths(input_dir, out_csv)
-    pool = FolderPool(root, inspect_file, workers=workers)
+    pool = FolderPool(root, inspect_file, (limits.max_pixels,), workers=workers, limits=limits)
     output = CsvOutput(out, list(COLUMNS), resume=resume, row_is_valid=_row_is_valid)
     summary = InspectSummary(out_csv=str(out))
     with (

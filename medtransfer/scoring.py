@@ -29,14 +29,15 @@ from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from medtransfer.data.tabular import tolerant_values
+from medtransfer.folder_output import CsvOutput, ParquetOutput
 from medtransfer.folder_pool import (
+    DEFAULT_LIMITS,
     WORKER_DIED,
-    CsvOutput,
+    DecodeLimits,
     FolderError,
     FolderPool,
     LocalFirst,
     Outcome,
-    ParquetOutput,
     check_paths,
     crawl,
     describe,
@@ -114,9 +115,11 @@ class _Decoded(NamedTuple):
     tags: tuple[str, ...]  # raw values of the requested DICOM tags ("" when absent)
 
 
-def _decode_file(path: str, window: str | dict, frames: str, tags: tuple[str, ...]) -> _Decoded:
+def _decode_file(
+    path: str, window: str | dict, frames: str, tags: tuple[str, ...], max_pixels: int | None
+) -> _Decoded:
     """Runs in a decode worker; an ImageReadError becomes the file's error row."""
-    image = load_image(path, window=window, frames=frames)
+    image = load_image(path, window=window, frames=frames, max_pixels=max_pixels)
     values = _tag_values(path, tags) if tags else ()
     return _Decoded(np.asarray(image.pixels, dtype=np.float32), image.sop_instance_uid, values)
 
@@ -140,6 +143,7 @@ def score_folder(
     resume: bool = False,
     progress: bool = True,
     decode_here: bool = True,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> ScoreSummary:
     """Score every file under ``input_dir`` into ``out_csv`` (see the ``scores.csv`` contract).
 
@@ -149,7 +153,9 @@ def score_folder(
 
     Unreadable files become error rows rather than exceptions: one bad file in an archive must not
     stop the other thousands. ``workers=0`` decodes in this process, for debugging;
-    ``decode_here=False`` sends every file to the workers, uncompressed DICOM too.
+    ``decode_here=False`` sends every file to the workers, uncompressed DICOM too. ``limits``
+    bounds what one file may cost (decode time, worker memory, pixels): a file past a limit is
+    an error row saying which. Raises OutputBusyError while another run writes ``out_csv``.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
     inside ``input_dir``: it would be crawled as an input, and nothing may be written there.
     """
@@ -168,10 +174,11 @@ def score_folder(
     pool = FolderPool(
         root,
         _decode_file,
-        (predictor.window, predictor.frames, _tags(predictor.tabular)),
+        (predictor.window, predictor.frames, _tags(predictor.tabular), limits.max_pixels),
         workers=workers,
         expected=(ImageReadError,),
         local=local,
+        limits=limits,
     )
     counts: Counter[str] = Counter()
     with (
