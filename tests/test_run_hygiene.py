@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medtransfer.errors import DegenerateModelWarning, ExportError
+from medtransfer.errors import DegenerateModelWarning, ExportError, RunError
 from medtransfer.evaluation.report import read_thresholds
 from medtransfer.export import EXPORT_THRESHOLDS, export_model, version_dir
 from medtransfer.spec import load_spec, spec_from_dict
@@ -82,6 +82,16 @@ def test_infinite_thresholds_are_null_with_a_reason_and_read_back_as_infinity(
         assert read_thresholds(path)["thresholds"]["spot"]["youden"] == math.inf
     point = strict_json(out / "metrics.json")["operating_points"]["spot"]["youden"]
     assert "null stands for +infinity" in point["threshold_note"]
+
+
+@pytest.mark.parametrize(
+    "content", ['{"thresholds": {"spot": {"youden": 0.4', '{"rule": "p >= t"}', "[1, 2]"]
+)
+def test_a_damaged_thresholds_file_is_one_clear_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "thresholds.json"
+    path.write_text(content)
+    with pytest.raises(RunError, match=r"thresholds.json is not a thresholds file .*evaluate"):
+        read_thresholds(path)
 
 
 def test_export_of_a_constant_model_warns_and_writes_valid_json(

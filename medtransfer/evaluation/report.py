@@ -20,7 +20,7 @@ from medtransfer import atomic
 from medtransfer.data.manifest import NPZ_SEPARATOR, build_manifest, read_tags, targets
 from medtransfer.data.pipeline import load_images, with_tabular
 from medtransfer.data.tabular import column_name
-from medtransfer.errors import SpecError
+from medtransfer.errors import RunError, SpecError
 from medtransfer.evaluation.clinical import (
     SUBGROUP_TAGS,
     ClinicalSettings,
@@ -411,10 +411,15 @@ def read_thresholds(path: str | Path) -> dict | None:
     file = Path(path)
     if not file.is_file():
         return None
-    record = json.loads(file.read_text())
-    record.pop("threshold_notes", None)  # derived from the thresholds: rewritten with them
-    record["thresholds"] = {
-        name: {point: atomic.float_or(t, math.inf) for point, t in points.items()}
-        for name, points in record["thresholds"].items()
-    }
+    try:
+        record = json.loads(file.read_text())
+        record.pop("threshold_notes", None)  # derived from the thresholds: rewritten with them
+        record["thresholds"] = {
+            name: {point: atomic.float_or(t, math.inf) for point, t in points.items()}
+            for name, points in record["thresholds"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # truncated or edited
+        raise RunError(
+            f"{file} is not a thresholds file ({type(exc).__name__}): evaluate the run again"
+        ) from None
     return record
