@@ -7,7 +7,11 @@ whole file to seconds; every check has an exact expectation.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
+import typing
 
 import keras
 import numpy as np
@@ -15,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from medtransfer.models.adaptation import (
+    ALIGNMENT_LOSSES,
     DomainAdaptationModel,
     GradientReversal,
     GradientReversalSchedule,
@@ -25,6 +30,8 @@ from medtransfer.models.adaptation import (
     mmd_loss,
     with_class_weights,
 )
+from medtransfer.models.adaptation_methods import ADAPTATION_METHODS, ALIGNMENT_METHODS
+from medtransfer.spec import AdaptationMethod as SpecMethodNames
 
 SIZE = 16
 FEATURES = 4
@@ -464,3 +471,67 @@ def test_save_load_and_export_only_carry_the_classifier(tmp_path):
         if name.endswith("VARIABLE_VALUE")
     ]
     assert [FEATURES, HIDDEN] not in saved_shapes and [] not in saved_shapes
+
+
+# --- models saved by earlier versions ---------------------------------------------------------
+
+# A GradientReversal as a model saved before adaptation.py became a package names it (copied
+# from such a file's config.json): the old module, and the registered name Keras looks up.
+OLD_REVERSAL_CONFIG = """
+{"module": "medtransfer.models.adaptation", "class_name": "GradientReversal",
+ "config": {"name": "reverse", "trainable": true, "dtype": {"module": "keras",
+   "class_name": "DTypePolicy", "config": {"name": "float32"}, "registered_name": null},
+   "strength": 0.3},
+ "registered_name": "medtransfer>GradientReversal", "build_config": {"input_shape": [null, 4]}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("cls", "registered"),
+    [
+        (GradientReversal, "medtransfer>GradientReversal"),
+        (DomainAdaptationModel, "medtransfer>DomainAdaptationModel"),
+    ],
+)
+def test_registered_names_stay_those_saved_models_refer_to(cls, registered):
+    """Keras finds a custom class in a .keras file by its registered name: moving or renaming
+    the class must keep it, or every model saved before stops loading."""
+    assert keras.saving.get_registered_name(cls) == registered
+    assert keras.saving.get_registered_object(registered) is cls
+
+
+def test_a_layer_saved_before_the_package_split_loads():
+    layer = keras.saving.deserialize_keras_object(json.loads(OLD_REVERSAL_CONFIG), safe_mode=True)
+    assert isinstance(layer, GradientReversal) and layer.name == "reverse"
+    assert layer.initial_strength == 0.3
+
+
+# --- the method registry ----------------------------------------------------------------------
+
+
+def test_the_spec_accepts_exactly_the_registered_methods():
+    assert typing.get_args(SpecMethodNames) == tuple(ADAPTATION_METHODS)
+
+
+def test_every_aligning_method_has_its_loss_and_the_model_trains_only_those():
+    for name, method in ADAPTATION_METHODS.items():
+        assert method.name == name and method.description
+        if method.aligns_features:
+            assert method.alignment_loss in ALIGNMENT_LOSSES, name
+        assert method.aligns_features or not method.needs_domain_classifier, name
+        assert method.uses_target_images == (name != "none")
+    assert ALIGNMENT_METHODS == ("dann", "coral", "mmd")
+    with pytest.raises(ValueError, match="method must be one of"):
+        DomainAdaptationModel(make_features(), make_head(), method="adabn")
+
+
+def test_the_method_registry_loads_without_tensorflow():
+    """The spec validates method names against the registry; a spec loads without Keras."""
+    code = (
+        "import sys, medtransfer.models.adaptation_methods; "
+        "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -4,14 +4,15 @@ The spec's ``domain_adaptation`` section (``medtransfer.spec.DomainAdaptationSpe
 source and target sites. A run then
 
 - trains the task on **source-site** training images only (the labelled stream);
-- for ``dann``, ``coral`` and ``mmd``, zips every labelled batch with a batch of **target-site**
-  training images (the unlabelled stream: their labels are never loaded) and trains a
-  ``DomainAdaptationModel`` built around the classifier ``build_model`` makes: the features
-  are everything up to the ``backbone`` layer's pooled output, the head is ``head_dropout`` and
-  ``probabilities``;
-- for ``adabn``, trains on source alone, then re-estimates BatchNormalization statistics on the
-  target training images (``adapt_batchnorm``) and saves that as the run's model, keeping the
-  unadapted one as ``model_source.keras``;
+- for a method that aligns features (``dann``, ``coral``, ``mmd``), zips every labelled batch
+  with a batch of **target-site** training images (the unlabelled stream: their labels are
+  never loaded) and trains a ``DomainAdaptationModel`` built around the classifier
+  ``build_model`` makes: the features are everything up to the ``backbone`` layer's pooled
+  output, the head is ``head_dropout`` and ``probabilities``;
+- for a method that re-normalises BatchNorm (``adabn``), trains on source alone, then
+  re-estimates BatchNormalization statistics on the target training images
+  (``adapt_batchnorm``) and saves that as the run's model, keeping the unadapted one as
+  ``model_source.keras``;
 - chooses the best epoch on source-site validation images by default: the honest setting when
   the target site has no labels (``validation: target`` or ``all`` use target labels, for
   model selection only).
@@ -22,6 +23,9 @@ any other run's model. The domain classifier of DANN never reaches it.
 
 Both streams are ordered statelessly from ``(seed, epoch)`` and augmented from
 ``(seed, epoch, batch)``, so a resumed run sees the same batches as an uninterrupted one.
+
+What a method needs (target images, a DomainAdaptationModel, a domain classifier, AdaBN) comes
+from its entry in the method registry, ``medtransfer.models.adaptation_methods``.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ from medtransfer.models.adaptation import (
     domain_classifier,
     with_class_weights,
 )
+from medtransfer.models.adaptation_methods import ADAPTATION_METHODS, AdaptationMethod
+from medtransfer.models.saved import load_keras_model
+from medtransfer.rundir import SOURCE_MODEL_FILE
 from medtransfer.spec import Spec
 
-ALIGNMENT_METHODS = ("dann", "coral", "mmd")
-SOURCE_MODEL_FILE = "model_source.keras"
 DANN_HIDDEN = 256
 DANN_DROPOUT = 0.5
 # Separates the target stream's random draws from the source stream's (same seed, epoch, batch).
@@ -60,6 +65,11 @@ _TARGET_STREAM = 0x7A46E7
 # vs 0.866 (benchmarks/RESULTS.md); at 224 px a ResNet50 would need an hour for exact.
 ADABN_EXACT_BUDGET = 100_000_000
 ADABN_BATCH = 128
+
+
+def adaptation_method(spec: Spec) -> AdaptationMethod:
+    """The registry entry of the spec's ``domain_adaptation.method``."""
+    return ADAPTATION_METHODS[spec.domain_adaptation.method]
 
 
 def _sites(spec: Spec) -> tuple[list[str], list[str]]:
@@ -126,7 +136,7 @@ def load_target_images(
     spec: Spec, manifest: pd.DataFrame, *, workers: int | None = None
 ) -> np.ndarray | None:
     """The target-site training images (no labels), or None when the method needs none."""
-    if spec.domain_adaptation.method in ("none",):
+    if not adaptation_method(spec).uses_target_images:
         return None
     rows = target_rows(spec, manifest)
     return load_spec_images(spec, rows, workers=workers)
@@ -153,11 +163,11 @@ def split_classifier(model: keras.Model) -> tuple[keras.Model, keras.Model]:
 def training_model(model: keras.Model, spec: Spec) -> keras.Model:
     """What ``fit`` trains: the classifier itself, or a ``DomainAdaptationModel`` around it."""
     adaptation = spec.domain_adaptation
-    if adaptation.method not in ALIGNMENT_METHODS:
+    if not adaptation_method(spec).aligns_features:
         return model
     features, head = split_classifier(model)
     classifier = None
-    if adaptation.method == "dann":
+    if adaptation_method(spec).needs_domain_classifier:
         # Starts at strength 0; GradientReversalSchedule raises it before every batch.
         classifier = domain_classifier(
             int(features.outputs[0].shape[-1]), DANN_HIDDEN, DANN_DROPOUT, strength=0.0
@@ -175,9 +185,9 @@ def training_model(model: keras.Model, spec: Spec) -> keras.Model:
 def training_callbacks(
     trained: keras.Model, spec: Spec, steps_per_epoch: int
 ) -> list[keras.callbacks.Callback]:
-    """DANN's gradient-reversal schedule over the whole run (every phase), keyed by the
-    absolute epoch, so a resumed run continues the same curve."""
-    if spec.domain_adaptation.method != "dann":
+    """The gradient-reversal schedule of a domain classifier (DANN's) over the whole run (every
+    phase), keyed by the absolute epoch, so a resumed run continues the same curve."""
+    if not adaptation_method(spec).needs_domain_classifier:
         return []
     return [GradientReversalSchedule(epochs=spec.training.epochs, steps_per_epoch=steps_per_epoch)]
 
@@ -265,7 +275,7 @@ def training_dataset(
     labelled = make_training_dataset(
         train_x, train_y, batch_size=batch, seed=seed, epochs=epochs, augment=augment
     )
-    if spec.domain_adaptation.method not in ALIGNMENT_METHODS:
+    if not adaptation_method(spec).aligns_features:
         return labelled, class_weight
     if class_weight is not None:
         labelled = with_class_weights(labelled, class_weight)
@@ -294,16 +304,23 @@ def adabn_exact(model: keras.Model, images: np.ndarray) -> bool:
     return layers * len(images) * int(np.prod(images.shape[1:3])) <= ADABN_EXACT_BUDGET
 
 
+def adapt_after_training(
+    spec: Spec, model_file: Path, target_images: np.ndarray | None
+) -> dict[str, Any] | None:
+    """AdaBN on the run's best model when the method re-normalises BatchNorm, and what it did
+    (``run.json``'s ``adabn``); None, the model untouched, for every other method."""
+    if not adaptation_method(spec).renormalises_batchnorm:
+        return None
+    return apply_adabn(model_file, target_images)
+
+
 def apply_adabn(model_file: Path, target_images: np.ndarray) -> dict[str, Any]:
     """AdaBN on the run's best model: keep it as ``model_source.keras``, write the adapted one
     as ``model_file`` (atomically). Idempotent: a resumed run adapts the kept source model."""
-    import medtransfer.models.layers
-    import medtransfer.models.losses  # noqa: F401  (custom objects of the saved model)
-
     source_file = model_file.with_name(SOURCE_MODEL_FILE)
     if not source_file.is_file():
         os.replace(model_file, source_file)
-    model = keras.saving.load_model(source_file, safe_mode=True)
+    model = load_keras_model(source_file)
     exact = adabn_exact(model, target_images)
     started = time.time()
     adapted = adapt_batchnorm(model, target_images, batch_size=ADABN_BATCH, exact=exact)
