@@ -45,6 +45,8 @@ from medtransfer.folder_pool import (
 from medtransfer.io import ImageReadError, is_uncompressed_dicom, load_image
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from medtransfer.spec import TabularFeature
 
 __all__ = [
@@ -163,13 +165,7 @@ def score_folder(
         raise ScoringError(f"need workers >= 0 and batch_size >= 1, got {workers} and {batch_size}")
     start = time.monotonic()
     root, out = check_paths(input_dir, out_csv)
-    columns = [*BASE_COLUMNS, *_prob_columns(predictor.class_names)]
-    options = {"resume": resume, "row_is_valid": _row_is_valid}
-    output = (
-        ParquetOutput(out, columns, float_columns=columns[len(BASE_COLUMNS) :], **options)
-        if out.suffix.lower() == ".parquet"
-        else CsvOutput(out, columns, **options)
-    )
+    output = _output(out, predictor.class_names, resume)
     local = LocalFirst(is_uncompressed_dicom) if decode_here and workers else None
     pool = FolderPool(
         root,
@@ -195,18 +191,33 @@ def score_folder(
             counts.update(row[1] for row in rows)
             bar.update(len(rows))
             bar.set_postfix(errors=counts["error"], refresh=False)
+    return _summary(str(out), counts, output.kept_rows, time.monotonic() - start)
 
-    seconds = time.monotonic() - start
-    n_scored = counts.total()
-    counts.update(row[1] for row in output.kept_rows)
+
+def _output(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
+    """The scores table; a ``.parquet`` name gets Parquet with float32 probabilities."""
+    columns = [*BASE_COLUMNS, *_prob_columns(class_names)]
+    options = {"resume": resume, "row_is_valid": _row_is_valid}
+    if out.suffix.lower() == ".parquet":
+        return ParquetOutput(out, columns, float_columns=columns[len(BASE_COLUMNS) :], **options)
+    return CsvOutput(out, columns, **options)
+
+
+def _summary(
+    out_csv: str, counts: Counter[str], kept_rows: Sequence[Sequence[str]], seconds: float
+) -> ScoreSummary:
+    """Counts over the whole file, rows kept from a previous run included; the rate over the
+    files this run scored."""
+    totals = Counter(counts)
+    totals.update(row[1] for row in kept_rows)
     return ScoreSummary(
-        out_csv=str(out),
-        n_files=counts.total(),
-        n_ok=counts["ok"],
-        n_error=counts["error"],
-        n_resumed=len(output.kept_rows),
+        out_csv=out_csv,
+        n_files=totals.total(),
+        n_ok=totals["ok"],
+        n_error=totals["error"],
+        n_resumed=len(kept_rows),
         seconds=seconds,
-        files_per_second=n_scored / seconds if seconds else 0.0,
+        files_per_second=counts.total() / seconds if seconds else 0.0,
     )
 
 

@@ -11,16 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from medtransfer.data.augment import (
-    Flip,
-    GraphAugmenter,
-    RandomGamma,
-    RandomRot90,
-    StatelessDraws,
-    batch_seed,
-    make_augmenter,
-)
-from medtransfer.data.augment_presets import OPTIONS, PRESETS, Setting, resolve_settings
+from medtransfer.data.augment import GraphAugmenter, batch_seed, make_augmenter
+from medtransfer.data.augment_layers import Flip, RandomGamma, RandomRot90
+from medtransfer.data.augment_presets import OPTIONS, PRESETS, Setting
+from medtransfer.data.augment_random import StatelessDraws
+from medtransfer.data.augment_settings import resolve_settings
 from medtransfer.data.pipeline import make_training_dataset
 from medtransfer.errors import SpecError
 from medtransfer.spec import spec_from_dict
@@ -345,7 +340,7 @@ def test_geometry_is_one_affine_resampling_with_the_promised_ranges():
 
 
 def test_medtransfer_layers_round_trip_through_their_config(grey):
-    from medtransfer.data.augment import RandomAffine, RandomGaussianNoise
+    from medtransfer.data.augment_layers import RandomAffine, RandomGaussianNoise
 
     layers = [
         RandomGamma(0.3, seed=1),

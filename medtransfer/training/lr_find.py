@@ -25,15 +25,17 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from matplotlib.figure import Figure
 
 from medtransfer import atomic
 from medtransfer.data.augment import make_augmenter
 from medtransfer.data.manifest import build_manifest
-from medtransfer.data.pipeline import input_count, load_split, make_training_dataset
+from medtransfer.data.pipeline import load_split, make_training_dataset
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.errors import MedtransferError
 from medtransfer.models.build import balanced_class_weights, build_model, make_loss
+from medtransfer.models.inputs import Inputs, input_count
 from medtransfer.spec import Spec
 from medtransfer.training.domain import labelled_rows
 from medtransfer.training.schedule import Phase, plan_phases
@@ -277,20 +279,8 @@ def lr_find(
     labelled = labelled_rows(spec, build_manifest(spec))
     inputs, labels = load_split(spec, labelled, "train", workers=workers)
 
-    model = build_model(spec, numeric_statistics(inputs, spec.tabular))
-    chosen.apply(model, spec)
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=float(min_lr), weight_decay=spec.training.weight_decay
-    )
-    model.compile(optimizer=optimizer, loss=make_loss(spec))
-    dataset = make_training_dataset(  # as training sees it, augmentation included
-        inputs,
-        labels,
-        batch_size=spec.training.batch_size,
-        seed=spec.training.seed,
-        epochs=range(-(-steps // -(-input_count(inputs) // spec.training.batch_size))),
-        augment=make_augmenter(spec),
-    )
+    model = _range_test_model(spec, chosen, inputs, min_lr)
+    dataset = _range_test_dataset(spec, inputs, labels, steps)
     class_weight = (
         balanced_class_weights(labels) if spec.training.class_weight == "balanced" else None
     )
@@ -304,28 +294,63 @@ def lr_find(
         class_weight=class_weight,
         verbose=0,
     )
+    result = _result(range_test, chosen.name, min_lr, max_lr, steps)
+    if out_dir is not None:
+        write_lr_find(result, out_dir, spec_name=spec.name)
+    return result
 
+
+def _range_test_model(spec: Spec, phase: Phase, inputs: Inputs, min_lr: float) -> keras.Model:
+    """The spec's model, set up for ``phase``, with the optimiser family ``train`` uses but a
+    plain variable learning rate (``LrRangeTest`` sets it batch by batch, no schedule)."""
+    model = build_model(spec, numeric_statistics(inputs, spec.tabular))
+    phase.apply(model, spec)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=float(min_lr), weight_decay=spec.training.weight_decay
+    )
+    model.compile(optimizer=optimizer, loss=make_loss(spec))
+    return model
+
+
+def _range_test_dataset(
+    spec: Spec, inputs: Inputs, labels: np.ndarray, steps: int
+) -> tf.data.Dataset:
+    """As training sees it, augmentation included: enough seeded epochs for ``steps`` batches,
+    however small the training split."""
+    return make_training_dataset(
+        inputs,
+        labels,
+        batch_size=spec.training.batch_size,
+        seed=spec.training.seed,
+        epochs=range(-(-steps // -(-input_count(inputs) // spec.training.batch_size))),
+        augment=make_augmenter(spec),
+    )
+
+
+def _result(
+    range_test: LrRangeTest, phase: str, min_lr: float, max_lr: float, steps: int
+) -> LrFindResult:
+    """The curve and its suggestions. The slope's window and the skipped start scale with
+    ``steps``, so they span the same share of the rate range however many steps were asked for
+    (see ``suggest_learning_rate``)."""
     suggestion, min_loss_lr = suggest_learning_rate(
         range_test.learning_rates,
         range_test.smoothed_losses,
         skip_start=min(SKIP_START, steps // 10),
         half_window=max(1, steps // 20),
     )
-    result = LrFindResult(
+    return LrFindResult(
         learning_rates=range_test.learning_rates,
         losses=range_test.losses,
         smoothed_losses=range_test.smoothed_losses,
         suggestion=suggestion,
         min_loss_lr=min_loss_lr,
-        phase=chosen.name,
+        phase=phase,
         stopped_early=len(range_test.losses) < steps,
         min_lr=float(min_lr),
         max_lr=float(max_lr),
         steps=steps,
     )
-    if out_dir is not None:
-        write_lr_find(result, out_dir, spec_name=spec.name)
-    return result
 
 
 def write_lr_find(result: LrFindResult, out_dir: str | Path, *, spec_name: str) -> None:
