@@ -3,7 +3,7 @@
 The quickstart's data and recipe (``medtransfer.quickstart``: ``generate_dicom_dataset``,
 ``write_spec``, ``train``; ResNet50 from random initialisation, 128 px, 15 epochs, 160
 patients; the defaults follow ``quickstart.DEFAULTS``, and ``--seed 0`` is ``make demo``)
-train a model; the run's ``model.keras`` is loaded back (``open_run(...).load_model()``, the
+train a model; the run's ``model.keras`` is loaded back (``load_run_model(...)``, the
 path a user takes) and Grad-CAM and Grad-CAM++ for the class ``finding`` are computed on every
 held-out test image that has a nodule, each plainly and from the mean feature map of the
 validation images without a nodule (``grad_cam(reference=...)``, what the evaluation report
@@ -93,18 +93,15 @@ def main() -> None:
 
     from medtransfer.data.manifest import build_manifest
     from medtransfer.data.pipeline import load_split
-    from medtransfer.evaluation.gradcam import (
-        cam_overlay_figure,
-        default_target_layer,
-        grad_cam,
-        heatmap_peaks,
-        localising_layer,
-        point_hits,
-    )
+    from medtransfer.evaluation.gradcam import default_target_layer, grad_cam, localising_layer
+    from medtransfer.evaluation.plots import cam_overlay_figure
+    from medtransfer.evaluation.pointing import heatmap_peaks, point_hits
+    from medtransfer.models.saved import load_run_model
     from medtransfer.quickstart import write_spec
+    from medtransfer.rundir import open_run
     from medtransfer.spec import load_spec
     from medtransfer.synthetic import _plan_dataset, generate_dicom_dataset
-    from medtransfer.training.run import open_run, train
+    from medtransfer.training.run import train
 
     if args.run and not args.out:
         args.out = str(Path(args.run).parent)  # the run's data folder sits beside it
@@ -130,7 +127,7 @@ def main() -> None:
         t = time.time()
         run = train(spec, out / "run", overwrite=True)
         train_seconds = time.time() - t
-    model = run.load_model()
+    model = load_run_model(run)
 
     # Test split at the evaluation size; nodule geometry from the generator's plan.
     plans = {

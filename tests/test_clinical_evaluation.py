@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import pytest
 from scipy.special import softmax
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from medtransfer.errors import DegenerateModelWarning
 from medtransfer.evaluation.clinical import (
     ClinicalSettings,
     age_band,
@@ -22,10 +24,11 @@ from medtransfer.evaluation.clinical import (
     rank_auroc,
     subgroups,
 )
-from medtransfer.evaluation.report import THRESHOLDS_FILE, evaluate, read_thresholds
+from medtransfer.evaluation.report import evaluate
 from medtransfer.evaluation.stats import choose_threshold
+from medtransfer.evaluation.thresholds import read_thresholds
+from medtransfer.rundir import EVALUATION_DIR, SPEC_FILE, THRESHOLDS_FILE
 from medtransfer.spec import load_spec
-from medtransfer.training.run import EVALUATION_DIR, SPEC_FILE
 
 SETTINGS = ClinicalSettings(bootstrap_resamples=300, target_sensitivity=0.9)
 
@@ -100,6 +103,31 @@ def test_report_html_is_self_contained(reports):
     assert "95% CI" in summary and "Youden threshold from val" in summary
 
 
+def test_assess_writes_nothing_and_its_writer_gives_the_files_evaluate_wrote(
+    reports, tiny_run, tmp_path
+):
+    from medtransfer.evaluation.assessment import assess
+    from medtransfer.evaluation.report_files import write_report
+
+    def run_files():
+        return {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*")}
+
+    before = run_files()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assessment = assess(tiny_run, load_spec(tiny_run / SPEC_FILE), settings=SETTINGS)
+    assert run_files() == before
+    # a degenerate model is warned about, at the caller's line
+    flagged = [w.filename for w in caught if issubclass(w.category, DegenerateModelWarning)]
+    assert flagged == [__file__] * bool(assessment.metrics["degenerate_model"])
+    assert list(assessment.figures) == ["roc", "reliability", "gradcam"]
+    out = write_report(assessment, tmp_path / "again")
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(p.name for p in reports["test"].out_dir.iterdir())
+    for name in written:
+        assert (out / name).read_bytes() == (reports["test"].out_dir / name).read_bytes(), name
+
+
 def test_rank_auroc_equals_scikit_learn_with_ties():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 200)
@@ -165,13 +193,13 @@ def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
 
     from medtransfer.evaluation.stats import apply_temperature, probabilities_to_logits
     from medtransfer.export import EXPORT_THRESHOLDS, export_model
-    from medtransfer.training.run import open_run
+    from medtransfer.models.saved import load_run_model
 
     written = read_thresholds(reports["test"].out_dir / THRESHOLDS_FILE)
     temperature = written["temperature"]
     exported = export_model(tiny_run, tmp_path / "cal" / "1", calibrate=True)
     images = np.random.default_rng(2).random((16, 32, 32, 1)).astype(np.float32)
-    raw = open_run(tiny_run).load_model()(images, training=False).numpy()
+    raw = load_run_model(tiny_run)(images, training=False).numpy()
     served = tf.saved_model.load(str(exported)).signatures["serving_default"]
     calibrated = served(image=tf.constant(images))["probabilities"].numpy()
     expected = apply_temperature(probabilities_to_logits(raw), temperature)
@@ -185,7 +213,7 @@ def test_calibrated_export_applies_the_temperature_and_keeps_the_decisions(
 
 
 def test_explained_examples_are_the_most_confident_hits_and_misses():
-    from medtransfer.evaluation.report import explained_examples
+    from medtransfer.evaluation.cam_examples import explained_examples
 
     p = np.array([0.95, 0.9, 0.6, 0.3, 0.1, 0.8, 0.7, 0.2, 0.05])
     y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0], float)
@@ -196,8 +224,9 @@ def test_explained_examples_are_the_most_confident_hits_and_misses():
 def test_gradcam_without_reference_images_falls_back_to_plain_and_says_so(reports, tiny_run):
     """With no validation image without the class, the report's overlays are plain Grad-CAM
     and the caption says so; measured from the images without it, the maps change."""
+    from medtransfer.evaluation.assessment import _split_rows
+    from medtransfer.evaluation.cam_examples import gradcam_examples
     from medtransfer.evaluation.gradcam import localising_layer
-    from medtransfer.evaluation.report import _gradcam_figure, _split_rows
     from medtransfer.predictor import load_predictor
 
     spec = load_spec(tiny_run / SPEC_FILE)
@@ -208,7 +237,7 @@ def test_gradcam_without_reference_images_falls_back_to_plain_and_says_so(report
     y = p[["y_plain", "y_spot"]].to_numpy(float)
 
     def overlays(reference_rows):
-        figure, caption = _gradcam_figure(
+        figure, caption = gradcam_examples(
             predictor, rows, probabilities, y, "spot", 0.5, 1, reference_rows
         )
         return [np.asarray(ax.images[-1].get_array()) for ax in figure.axes if ax.images], caption

@@ -14,16 +14,9 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from medtransfer.evaluation.gradcam import (
-    CamModel,
-    cam_overlay_figure,
-    default_target_layer,
-    grad_cam,
-    grad_cam_fn,
-    heatmap_peaks,
-    point_hits,
-    pointing_game,
-)
+from medtransfer.evaluation.gradcam import CamModel, default_target_layer, grad_cam, grad_cam_fn
+from medtransfer.evaluation.plots import cam_overlay_figure
+from medtransfer.evaluation.pointing import heatmap_peaks, point_hits, pointing_game
 from medtransfer.models.build import build_model
 from medtransfer.models.layers import BackbonePreprocessing, ChannelAdapter
 from medtransfer.spec import spec_from_dict
@@ -279,7 +272,7 @@ def test_class_index_forms_and_refusals(known):
 
 
 def test_a_savedmodel_or_foreign_model_is_refused_with_a_pointer_to_the_keras_model():
-    with pytest.raises(TypeError, match=r"load_model\(\).*SavedModel keeps no layers"):
+    with pytest.raises(TypeError, match=r"load_run_model\(run_dir\).*SavedModel keeps no layers"):
         CamModel(tf.Module())
     plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()])
     with pytest.raises(ValueError, match="no layer 'backbone'"):
@@ -290,7 +283,8 @@ def test_a_savedmodel_or_foreign_model_is_refused_with_a_pointer_to_the_keras_mo
 
 
 def test_tabular_model_takes_the_dict_and_reloads_from_a_run_with_the_same_heatmaps(tmp_path):
-    from medtransfer.training.run import MODEL_FILE, Run
+    from medtransfer.models.saved import load_keras_model
+    from medtransfer.rundir import MODEL_FILE
 
     manifest = tmp_path / "manifest.csv"
     table = {"path": ["a.png", "b.png"], "label": ["normal", "finding"], "age": [40, 60]}
@@ -313,7 +307,7 @@ def test_tabular_model_takes_the_dict_and_reloads_from_a_run_with_the_same_heatm
     np.testing.assert_allclose(scores.numpy()[:, 1], np.log(p[:, 1] / p[:, 0]), atol=1e-4)
 
     model.save(tmp_path / MODEL_FILE)  # after CamModel: re-wiring must leave the model intact
-    loaded = Run(tmp_path, {}).load_model()  # what open_run(run_dir).load_model() does
+    loaded = load_keras_model(tmp_path / MODEL_FILE)  # what load_run_model(run_dir) does
     assert default_target_layer(loaded) == default_target_layer(model)
     for method in ("gradcam", "gradcam++"):
         # The head is linear in [image features, tabular]: the score's gradient at the feature

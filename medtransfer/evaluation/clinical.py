@@ -28,6 +28,7 @@ from medtransfer.evaluation.stats import (
     probabilities_to_logits,
     reliability_bins,
 )
+from medtransfer.spec import reported_classes
 
 MIN_PER_CLASS_FOR_CI = 2  # DeLong needs two positives and two negatives
 
@@ -56,11 +57,6 @@ class ClinicalSettings:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def reported_classes(classes: list[str], task: str, positive_class: str | None) -> list[str]:
-    """The classes with their own figures: a binary task's positive class, else all."""
-    return [positive_class or classes[-1]] if task == "binary" else list(classes)
 
 
 def _known(y: np.ndarray, p: np.ndarray, clusters: np.ndarray | None):

@@ -16,8 +16,8 @@ import pandas as pd
 from scipy.stats import norm
 
 from medtransfer.errors import MedtransferError
-from medtransfer.evaluation.clinical import reported_classes
 from medtransfer.evaluation.stats import paired_delong
+from medtransfer.spec import reported_classes
 
 
 def compare_reports(report_a: str | Path, report_b: str | Path, level: float = 0.95) -> dict:

@@ -1,4 +1,4 @@
-"""Grad-CAM and Grad-CAM++ heatmaps for medtransfer models, and the pointing game.
+"""Grad-CAM and Grad-CAM++ heatmaps for medtransfer models.
 
 Where did the model look? Grad-CAM (Selvaraju et al. 2017) weights the channels of a spatial
 feature map by the gradient of a class score and keeps the positive part; Grad-CAM++
@@ -20,8 +20,9 @@ explaining is then rounding error; the logit does not saturate. Why not ``z_c`` 
 softmax ignores a shift common to all logits, so part of ``z_c``'s gradient is evidence for no
 class at all. Grad-CAM++'s closed form explains exp(S): with the log-odds, the odds p / (1 - p).
 
-Read the maps with the Grad-CAM pointing game of ``benchmarks/RESULTS.md`` in mind. On the
-synthetic chest data, a ResNet50 trained from scratch at the quickstart's 128 px has a 4 x 4 last
+Read the maps with the Grad-CAM pointing game of ``benchmarks/RESULTS.md`` in mind (scored by
+``evaluation.pointing``, overlays drawn by ``plots.cam_overlay_figure``). On the synthetic
+chest data, a ResNet50 trained from scratch at the quickstart's 128 px has a 4 x 4 last
 feature map whose Grad-CAM maximum sits at the image border, on the nodule in 2-14 of 40 test
 positives, although occlusion shows that the decision rests on the nodule. Two changes fix it:
 a finer map (``localising_layer``: 16 x 16 there) and measuring each image's features from
@@ -30,7 +31,7 @@ removes what the network shows for every image. Together they hit the nodule in 
 (four datasets), more than a fixed point where nodules usually are (35-48%). The evaluation
 report uses both. A heatmap is a hypothesis about the model, not a segmentation.
 
-This works on the Keras model of a run (``open_run(run_dir).load_model()``, i.e. the run's
+This works on the Keras model of a run (``load_run_model(run_dir)``, i.e. the run's
 ``model.keras``): it re-wires the model's own layers and needs them by name (``resize`` ...
 ``backbone_preprocessing``, the nested ``backbone`` Model, the optional ``fusion`` of the tabular
 branch, ``head_dropout``, ``probabilities``; see ``medtransfer.models.build``). An exported
@@ -47,16 +48,9 @@ from typing import Any, Literal
 import keras
 import numpy as np
 import tensorflow as tf
-from matplotlib.figure import Figure
 
 Method = Literal["gradcam", "gradcam++"]
 METHODS: tuple[str, ...] = ("gradcam", "gradcam++")
-
-# Zhang et al. 2018 ("Top-down neural attention by excitation backprop", IJCV) count a pointing
-# hit when the maximum lies on the object "with a 15-pixel tolerance", which absorbs the
-# coarseness of a map upsampled from a small feature grid. Pixels of the heatmap, i.e. of the
-# image the heatmap was computed for: a caller who works at another scale should scale it.
-POINTING_TOLERANCE = 15.0
 
 Inputs = np.ndarray | tf.Tensor | Mapping[str, Any]
 ClassIndex = int | Sequence[int] | np.ndarray | None
@@ -83,7 +77,7 @@ class CamModel:
     def __init__(self, model: keras.Model, layer: str | None = None):
         if not isinstance(model, keras.Model):
             raise TypeError(
-                "Grad-CAM needs the Keras model of a run (open_run(run_dir).load_model(), the "
+                "Grad-CAM needs the Keras model of a run (load_run_model(run_dir), the "
                 f"run's model.keras), not a {type(model).__name__}: an exported SavedModel keeps "
                 "no layers to take gradients at. Export grad_cam_fn(model, method) as an extra "
                 "endpoint to serve heatmaps."
@@ -278,10 +272,15 @@ def _rank4(operation: Any) -> bool:
     return isinstance(output, keras.KerasTensor) and len(output.shape) == 4
 
 
-def _spatial_operation(backbone: keras.Model, name: str | None) -> Any:
+def _spatial_operations(backbone: keras.Model) -> list[Any]:
     spatial = [op for op in backbone.operations if _rank4(op)]
     if not spatial:
         raise ValueError(f"backbone {backbone.name!r} has no layer with a 4-D output")
+    return spatial
+
+
+def _spatial_operation(backbone: keras.Model, name: str | None) -> Any:
+    spatial = _spatial_operations(backbone)
     if name is None:
         return spatial[-1]
     for operation in spatial:
@@ -320,10 +319,7 @@ def localising_layer(model: keras.Model, min_cells: int = MIN_CELLS) -> str:
     notebooks explain at this layer: for ResNet50 ``conv3_block4_out`` up to 176 px,
     ``conv4_block6_out`` up to 352 px, the last feature map beyond.
     """
-    backbone = _layer(model, "backbone")
-    spatial = [op for op in backbone.operations if _rank4(op)]
-    if not spatial:
-        raise ValueError(f"backbone {backbone.name!r} has no layer with a 4-D output")
+    spatial = _spatial_operations(_layer(model, "backbone"))
     fine = [
         op
         for op in spatial
@@ -421,128 +417,3 @@ def _rows(value: Any, start: int, stop: int) -> Any:
         return value[start:stop]
     array = np.asarray(value)
     return array[start:stop].astype(object) if array.dtype.kind in "OUS" else array[start:stop]
-
-
-# --- the pointing game ----------------------------------------------------------------------------
-
-
-def heatmap_peaks(heatmaps: np.ndarray) -> np.ndarray:
-    """Where each heatmap points: (row, col) [N, 2] of its maximum, NaN for a constant map.
-
-    Ties are resolved to the centroid of the maximal pixels. They are common, not a corner
-    case: bilinear upsampling clamps at the border, so a maximum in an edge cell of the
-    feature grid becomes a plateau several pixels wide, and its first pixel in reading order
-    would sit at the plateau's corner rather than where the cell is. A constant map (no
-    positive evidence anywhere) points nowhere.
-    """
-    heatmaps = np.asarray(heatmaps, np.float64)
-    if heatmaps.ndim != 3:
-        raise ValueError(f"heatmaps must be [N, H, W], got shape {heatmaps.shape}")
-    peaks = np.full((len(heatmaps), 2), np.nan)
-    for i, heatmap in enumerate(heatmaps):
-        top, bottom = heatmap.max(), heatmap.min()
-        if not top > bottom:
-            continue
-        rows, cols = np.nonzero(heatmap >= top - 1e-6 * (top - bottom))
-        peaks[i] = rows.mean(), cols.mean()
-    return peaks
-
-
-def point_hits(
-    points: np.ndarray,
-    findings: Sequence[Sequence[float]],
-    *,
-    tolerance: float = POINTING_TOLERANCE,
-) -> np.ndarray:
-    """Whether each point (row, col) lies within ``tolerance`` pixels of its finding: [N] bool.
-
-    A finding is a circle ``(row, col, radius)`` (e.g. ``Nodule.in_pixels(size)``) or a box
-    ``(row_min, col_min, row_max, col_max)``, in pixel coordinates (pixel centres at integers,
-    box bounds inclusive). A NaN point (a constant heatmap) is a miss.
-    """
-    points = np.asarray(points, np.float64).reshape(-1, 2)
-    if len(points) != len(findings):
-        raise ValueError(f"{len(points)} points but {len(findings)} findings")
-    hits = np.zeros(len(points), bool)
-    for i, ((row, col), finding) in enumerate(zip(points, findings, strict=True)):
-        if np.isnan(row) or np.isnan(col):
-            continue
-        if len(finding) == 3:
-            center_row, center_col, radius = finding
-            distance = np.hypot(row - center_row, col - center_col) - radius
-        elif len(finding) == 4:
-            row_min, col_min, row_max, col_max = finding
-            d_row = max(row_min - row, 0.0, row - row_max)
-            d_col = max(col_min - col, 0.0, col - col_max)
-            distance = np.hypot(d_row, d_col)
-        else:
-            raise ValueError(f"a finding is (row, col, radius) or a box of 4, got {finding!r}")
-        hits[i] = distance <= tolerance
-    return hits
-
-
-def pointing_game(
-    heatmaps: np.ndarray,
-    findings: Sequence[Sequence[float]],
-    *,
-    tolerance: float = POINTING_TOLERANCE,
-) -> tuple[int, int]:
-    """(hits, n): how many heatmaps have their maximum on their finding (Zhang et al. 2018).
-
-    A hit when the maximum (``heatmap_peaks``) lies inside the finding or within ``tolerance``
-    pixels of it; the default, 15 px, is the tolerance of Zhang et al. A finding is a circle
-    ``(row, col, radius)`` or a box ``(row_min, col_min, row_max, col_max)``, in the heatmap's
-    pixels. The game scores localisation only, on images known to hold a finding; a constant
-    heatmap is a miss. Report it beside the hit rate of a random point and of the image centre
-    at the same tolerance: with a generous tolerance a fixed point can score well.
-    """
-    hits = point_hits(heatmap_peaks(heatmaps), findings, tolerance=tolerance)
-    return int(hits.sum()), len(hits)
-
-
-# --- figures ----------------------------------------------------------------------------------
-
-
-def cam_overlay_figure(
-    images: np.ndarray,
-    heatmaps: np.ndarray,
-    titles: Sequence[str] | None = None,
-    alpha: float = 0.4,
-    *,
-    cmap: str = "jet",
-    columns: int = 4,
-) -> Figure:
-    """One panel per image: the image in grey under its heatmap in ``cmap`` at ``alpha``.
-
-    A ``matplotlib.figure.Figure`` built without pyplot, so it renders headless and displays
-    inline in a notebook. Images [N, H, W] or [N, H, W, C] (colour shown as its channel mean);
-    heatmaps [N, h, w] are stretched over their image if the sizes differ.
-    """
-    images = np.asarray(images, np.float32)
-    heatmaps = np.asarray(heatmaps, np.float32)
-    if images.ndim == 4:
-        images = images.mean(axis=-1)
-    if images.ndim != 3 or heatmaps.ndim != 3 or len(images) != len(heatmaps):
-        raise ValueError(
-            f"need images [N, H, W(, C)] and heatmaps [N, h, w], got {images.shape} and "
-            f"{heatmaps.shape}"
-        )
-    if titles is not None and len(titles) != len(images):
-        raise ValueError(f"{len(titles)} titles for {len(images)} images")
-    n = len(images)
-    cols = max(1, min(columns, n))
-    rows = -(-n // cols)
-    fig = Figure(figsize=(2.6 * cols, 2.8 * rows), dpi=100, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for i, ax in enumerate(axes):
-        if i >= n:
-            fig.delaxes(ax)
-            continue
-        height, width = images[i].shape
-        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-        ax.imshow(images[i], cmap="gray", vmin=0.0, vmax=1.0, extent=extent)
-        ax.imshow(heatmaps[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, extent=extent)
-        ax.set_axis_off()
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=8)
-    return fig

@@ -7,6 +7,8 @@ returned figure inline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -77,25 +79,6 @@ def history_figure(history: dict[str, list[float]], phases: list[dict] | None = 
     return fig
 
 
-def image_grid_figure(
-    images: list[np.ndarray], titles: list[str] | None = None, *, columns: int = 4
-) -> Figure:
-    """Images in [0, 1] ([H, W], [H, W, 1] or [H, W, 3]) on a grid, grey shown as grey."""
-    rows = max(1, -(-len(images) // columns))
-    fig = Figure(figsize=(2.4 * columns, 2.6 * rows), dpi=100)
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for i, ax in enumerate(axes):
-        ax.axis("off")
-        if i >= len(images):
-            continue
-        image = images[i][..., 0] if images[i].ndim == 3 and images[i].shape[-1] == 1 else images[i]
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        if titles:
-            ax.set_title(titles[i], fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def reliability_figure(calibration: dict, title: str = "Reliability") -> Figure:
     """Observed frequency against mean predicted probability per bin (the diagonal is perfect),
     before and, when fitted, after temperature scaling; bar heights show how many images each
@@ -122,4 +105,49 @@ def reliability_figure(calibration: dict, title: str = "Reliability") -> Figure:
     ax.legend(loc="upper left", fontsize=8)
     counts.set(xlabel="predicted probability", ylabel="images")
     fig.tight_layout()
+    return fig
+
+
+def cam_overlay_figure(
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    titles: Sequence[str] | None = None,
+    alpha: float = 0.4,
+    *,
+    cmap: str = "jet",
+    columns: int = 4,
+) -> Figure:
+    """One panel per image: the image in grey under its heatmap (``gradcam.grad_cam``) in
+    ``cmap`` at ``alpha``, so a reader sees what the map points at.
+
+    Images [N, H, W] or [N, H, W, C] (colour shown as its channel mean); heatmaps [N, h, w] are
+    stretched over their image if the sizes differ.
+    """
+    images = np.asarray(images, np.float32)
+    heatmaps = np.asarray(heatmaps, np.float32)
+    if images.ndim == 4:
+        images = images.mean(axis=-1)
+    if images.ndim != 3 or heatmaps.ndim != 3 or len(images) != len(heatmaps):
+        raise ValueError(
+            f"need images [N, H, W(, C)] and heatmaps [N, h, w], got {images.shape} and "
+            f"{heatmaps.shape}"
+        )
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} images")
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows), dpi=100, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        if i >= n:
+            fig.delaxes(ax)
+            continue
+        height, width = images[i].shape
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        ax.imshow(images[i], cmap="gray", vmin=0.0, vmax=1.0, extent=extent)
+        ax.imshow(heatmaps[i], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, extent=extent)
+        ax.set_axis_off()
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
     return fig

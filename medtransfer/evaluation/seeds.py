@@ -7,8 +7,8 @@ from pathlib import Path
 
 from medtransfer import atomic
 from medtransfer.evaluation.report import Evaluation, evaluate
-from medtransfer.spec import Spec
-from medtransfer.training.seeds import format_spread, open_seed_runs, spread
+from medtransfer.rundir import format_spread, open_seed_runs, spread
+from medtransfer.spec import Spec, load_spec
 
 SUMMARY_FILE = "seeds_summary.json"
 
@@ -47,7 +47,11 @@ def evaluate_seeds(
     out = Path(out_dir)
     evaluations = {
         run.path.name: evaluate(
-            run.path, spec or run.spec, split=split, out_dir=out / run.path.name, workers=workers
+            run.path,
+            spec or load_spec(run.spec_file),
+            split=split,
+            out_dir=out / run.path.name,
+            workers=workers,
         )
         for run in runs
     }
@@ -60,7 +64,7 @@ def evaluate_seeds(
 
     metrics = {
         "split": split,
-        "seeds": [run.info["seed"] for run in runs],
+        "seeds": [run.info.seed for run in runs],
         "auroc_name": auroc_name,
         "auroc": spread([auroc(e) for e in evaluations.values()]),
         "accuracy": spread([e.metrics["accuracy"] for e in evaluations.values()]),
