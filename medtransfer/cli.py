@@ -80,11 +80,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_OK
     run = train(spec, args.out, **options)
     info = run.info
-    auroc = info["best_val_auroc"]  # null in run.json when validation AUROC was undefined
+    auroc = info.best_val_auroc  # null in run.json when validation AUROC was undefined
     print(
         f"run written to {run.path}: best validation AUROC "
         f"{'undefined' if auroc is None else f'{auroc:.4f}'} "
-        f"at epoch {info['best_epoch']}/{info['epochs_run']} ({info['train_seconds']} s)"
+        f"at epoch {info.best_epoch}/{info.epochs_run} ({info.train_seconds} s)"
     )
     return EXIT_OK
 
@@ -131,9 +131,8 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtransfer.evaluation.clinical import ClinicalSettings
     from medtransfer.evaluation.report import evaluate
+    from medtransfer.rundir import SPEC_FILE, is_seeds_dir
     from medtransfer.spec import load_spec
-    from medtransfer.training.run import SPEC_FILE
-    from medtransfer.training.seeds import is_seeds_dir
 
     options = {"split": args.split, "out_dir": args.out, "workers": args.workers}
     if is_seeds_dir(args.model):
@@ -311,16 +310,25 @@ def _add_training_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medtransfer",
-        description="Transfer learning for medical imaging: train, evaluate, export, score.",
-    )
-    from medtransfer import __version__
+def _add_workers(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """Without a default the data pipeline picks the count; the folder verbs run a pool of their
+    own, where 0 decodes in this process instead."""
+    if default is None:
+        parser.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    else:
+        parser.add_argument(
+            "--workers", type=int, default=default, help="decode processes (0: in-process)"
+        )
 
-    parser.add_argument("--version", action="version", version=f"medtransfer {__version__}")
-    verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+def _add_folder_run(parser: argparse.ArgumentParser) -> None:
+    """The folder verbs stop and resume alike, and share the limits that guard each decode."""
+    parser.add_argument("--resume", action="store_true", help="keep rows already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decode_limits(parser)
+
+
+def _add_train(verbs: argparse._SubParsersAction) -> None:
     train = verbs.add_parser("train", help="train a model from a data spec into a run directory")
     train.add_argument("--spec", help="data spec YAML (with --resume: the run's own)")
     train.add_argument("--out", required=True, help="run directory to create")
@@ -335,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="0,1,2",
         help="train once per seed into OUT/seed_N and report mean ± sd",
     )
-    train.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    _add_workers(train)
     _add_training_overrides(train)
     train.set_defaults(func=cmd_train)
 
+
+def _add_augment_preview(verbs: argparse._SubParsersAction) -> None:
     preview = verbs.add_parser(
         "augment-preview", help="training images beside their augmented versions, as a PNG grid"
     )
@@ -350,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--augment", choices=get_args(Preset), help="preset instead of the spec's")
     preview.set_defaults(func=cmd_augment_preview)
 
+
+def _add_lr_find(verbs: argparse._SubParsersAction) -> None:
     find = verbs.add_parser(
         "lr-find", help="learning-rate range test: loss vs rate curve and a suggested rate"
     )
@@ -363,10 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["head", "fine_tune", "full"],
         help="which training phase to test (default: the spec's first)",
     )
-    find.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    _add_workers(find)
     _add_training_overrides(find)
     find.set_defaults(func=cmd_lr_find)
 
+
+def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     evaluate = verbs.add_parser("evaluate", help="evaluate a run or exported model on a split")
     evaluate.add_argument(
         "model", metavar="RUN_DIR", help="run directory, seeds folder or exported model"
@@ -374,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--spec", help="data spec (default: the run's own spec.yaml)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", required=True, help="report directory")
-    evaluate.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    _add_workers(evaluate)
     evaluate.add_argument(
         "--bootstrap", type=int, default=2000, help="bootstrap resamples for AUROC intervals"
     )
@@ -390,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_compare(verbs: argparse._SubParsersAction) -> None:
     compare = verbs.add_parser(
         "compare", help="paired DeLong test of two evaluation reports on the same images"
     )
@@ -398,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="also write the comparison as JSON")
     compare.set_defaults(func=cmd_compare)
 
+
+def _add_ensemble(verbs: argparse._SubParsersAction) -> None:
     ensemble = verbs.add_parser("ensemble", help="combine runs into one model (a run directory)")
     ensemble.add_argument("runs", metavar="RUN_DIR", nargs="+")
     ensemble.add_argument("--method", choices=["mean", "weighted", "vote"], default="mean")
@@ -405,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--overwrite", action="store_true")
     ensemble.set_defaults(func=cmd_ensemble)
 
+
+def _add_export(verbs: argparse._SubParsersAction) -> None:
     export = verbs.add_parser("export", help="export a run as a TF Serving SavedModel")
     export.add_argument("run", metavar="RUN_DIR")
     export.add_argument(
@@ -423,13 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
 
+
+def _add_score(verbs: argparse._SubParsersAction) -> None:
     score = verbs.add_parser("score", help="score every file under a folder into a CSV")
     score.add_argument("input_dir", metavar="INPUT_DIR")
     score.add_argument("--model", required=True, help="exported model or run directory")
     score.add_argument(
         "--out", required=True, help="scores.csv to write (a .parquet name writes Parquet)"
     )
-    score.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
+    _add_workers(score, default=2)
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument(
         "--pool-only",
@@ -437,22 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode uncompressed DICOM in the workers too (default: in this process while it "
         "is cheap next to the model)",
     )
-    score.add_argument("--resume", action="store_true", help="keep rows already in --out")
-    score.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_decode_limits(score)
+    _add_folder_run(score)
     score.set_defaults(func=cmd_score)
 
+
+def _add_inspect(verbs: argparse._SubParsersAction) -> None:
     inspect = verbs.add_parser(
         "inspect", help="decode every file under a folder and list tags and errors in a CSV"
     )
     inspect.add_argument("input_dir", metavar="DIR")
     inspect.add_argument("--out", required=True, help="qa.csv to write")
-    inspect.add_argument("--workers", type=int, default=2, help="decode processes (0: in-process)")
-    inspect.add_argument("--resume", action="store_true", help="keep rows already in --out")
-    inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_decode_limits(inspect)
+    _add_workers(inspect, default=2)
+    _add_folder_run(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
+
+def _add_sites(verbs: argparse._SubParsersAction) -> None:
     sites = verbs.add_parser(
         "sites",
         help="compare the data's sites: counts, intensities, DICOM tags, label prevalence, "
@@ -466,13 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="take features from this run's backbone (default: the spec's backbone and "
         "weights; weights none gives random features)",
     )
-    sites.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+    _add_workers(sites)
     sites.add_argument(
         "--max-per-site", type=int, default=1000, help="images per site for pixels/features"
     )
     sites.add_argument("--seed", type=int, default=0, help="sample and CV folds seed (0)")
     sites.set_defaults(func=cmd_sites)
 
+
+def _add_quickstart(verbs: argparse._SubParsersAction) -> None:
     quick = verbs.add_parser(
         "quickstart", help="generate a DICOM demo dataset and run the whole pipeline on it"
     )
@@ -483,11 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(func=cmd_quickstart)
 
+
+def _add_backbones(verbs: argparse._SubParsersAction) -> None:
     backbones = verbs.add_parser(
         "backbones", help="list the registered backbones: preprocessing, input size, parameters"
     )
     backbones.set_defaults(func=cmd_backbones)
 
+
+def _add_weights(verbs: argparse._SubParsersAction) -> None:
     weights = verbs.add_parser("weights", help="ImageNet weights files for air-gapped sites")
     weights_verbs = weights.add_subparsers(dest="weights_command", required=True, metavar="VERB")
     download = weights_verbs.add_parser(
@@ -499,6 +527,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--mirror", help="base URL of an internal mirror (default: $MEDTRANSFER_WEIGHTS_MIRROR)"
     )
     download.set_defaults(func=cmd_weights_download)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One ``_add_*`` per verb; the order here is the order ``--help`` lists the verbs in."""
+    from medtransfer import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medtransfer",
+        description="Transfer learning for medical imaging: train, evaluate, export, score.",
+    )
+    parser.add_argument("--version", action="version", version=f"medtransfer {__version__}")
+    verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_verb in (
+        _add_train,
+        _add_augment_preview,
+        _add_lr_find,
+        _add_evaluate,
+        _add_compare,
+        _add_ensemble,
+        _add_export,
+        _add_score,
+        _add_inspect,
+        _add_sites,
+        _add_quickstart,
+        _add_backbones,
+        _add_weights,
+    ):
+        add_verb(verbs)
     return parser
 
 
