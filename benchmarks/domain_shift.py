@@ -74,8 +74,9 @@ def main() -> None:
     from medtransfer.data.pipeline import load_images
     from medtransfer.data.site_shift import AcquisitionShift, describe, two_site_dataset
     from medtransfer.models.adaptation import adapt_batchnorm
+    from medtransfer.models.saved import load_run_model
+    from medtransfer.rundir import SOURCE_MODEL_FILE
     from medtransfer.spec import spec_from_dict
-    from medtransfer.training.domain import SOURCE_MODEL_FILE
     from medtransfer.training.run import train
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -146,13 +147,13 @@ def main() -> None:
             seconds = time.time() - t0
             row = {
                 "seed": seed,
-                "test_auroc": aurocs(run.load_model()),
-                "best_epoch": run.info["best_epoch"],
-                "best_val_auroc": run.info["best_val_auroc"],
+                "test_auroc": aurocs(load_run_model(run)),
+                "best_epoch": run.info.best_epoch,
+                "best_val_auroc": run.info.best_val_auroc,
                 "train_seconds": round(seconds, 1),
             }
             if arm == "adabn":
-                row["adabn"] = run.info["domain_adaptation"]["adabn"]
+                row["adabn"] = run.info.domain_adaptation["adabn"]
                 # the two AdaBN estimators, on the same source-only model
                 for exact in (True, False):
                     model = keras.saving.load_model(run_dir / SOURCE_MODEL_FILE)

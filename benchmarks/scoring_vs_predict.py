@@ -71,9 +71,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per arm")
     args = parser.parse_args()
 
-    from medtransfer.data.pipeline import to_model_input
     from medtransfer.folder_pool import crawl
     from medtransfer.io import load_image
+    from medtransfer.models.inputs import to_model_input
     from medtransfer.scoring import score_folder
 
     n, batch = args.files, args.batch_size

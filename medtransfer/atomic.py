@@ -70,3 +70,12 @@ def float_or(value: float | None, null: float = math.nan) -> float:
     """A number read back from a file :func:`write_json` wrote: null becomes ``null``'s value
     (NaN unless the field's writer documents another meaning, e.g. +inf for a threshold)."""
     return null if value is None else float(value)
+
+
+def is_occupied(path: str | Path) -> bool:
+    """Whether ``path`` exists as something other than an empty folder: an output that a
+    command must not write into unless told to overwrite."""
+    target = Path(path)
+    if target.is_dir() and not target.is_symlink():
+        return any(target.iterdir())
+    return target.exists() or target.is_symlink()

@@ -10,7 +10,6 @@ the features (float32 with NaN for a missing number; string with "" for a missin
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -22,20 +21,15 @@ import numpy as np
 import tensorflow as tf
 
 from medtransfer import atomic
-from medtransfer.data.pipeline import resize_images
 from medtransfer.errors import DegenerateModelWarning, ExportError
-from medtransfer.evaluation.report import (
-    THRESHOLDS_FILE,
-    read_thresholds,
-    thresholds_file_name,
-    thresholds_for_json,
-    write_thresholds,
-)
+from medtransfer.evaluation.thresholds import read_thresholds, thresholds_for_json, write_thresholds
+from medtransfer.models.inputs import resize_images
 from medtransfer.models.layers import TemperatureScaling
+from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
 from medtransfer.predictor import EXPORT_INFO, ModelInfo
+from medtransfer.rundir import THRESHOLDS_FILE, Run, RunInfo, open_run, thresholds_file_name
 from medtransfer.spec import TabularFeature
-from medtransfer.training.run import EVALUATION_DIR, Run, open_run
 
 EXPORT_THRESHOLDS = Path("assets.extra") / THRESHOLDS_FILE
 _VERSION = re.compile(r"[0-9]+")  # TF Serving's version folders: an integer, ASCII digits
@@ -117,7 +111,7 @@ def _describe_feature(feature: TabularFeature) -> str:
 
 
 def model_card(
-    info: ModelInfo, run_info: dict, metrics: dict | None, thresholds: dict | None = None
+    info: ModelInfo, run_info: RunInfo, metrics: dict | None, thresholds: dict | None = None
 ) -> tuple[str, dict]:
     """The model card as Markdown and JSON: what the model is for and how it was checked.
 
@@ -145,17 +139,17 @@ def model_card(
             "class_names": "string [batch, K]",
         },
         "training": {
-            "backbone": run_info.get("backbone"),
-            "weights": run_info.get("weights"),
-            "seed": run_info.get("seed"),
-            "images_per_split": run_info.get("images"),
-            "data_fingerprint": run_info.get("data_fingerprint"),
-            "best_epoch": run_info.get("best_epoch"),
-            "best_val_auroc": run_info.get("best_val_auroc"),
+            "backbone": run_info.backbone,
+            "weights": run_info.weights,
+            "seed": run_info.seed,
+            "images_per_split": run_info.images,
+            "data_fingerprint": run_info.data_fingerprint,
+            "best_epoch": run_info.best_epoch,
+            "best_val_auroc": run_info.best_val_auroc,
         },
         "evaluation": _card_metrics(metrics),
         "decision_thresholds": None if thresholds is None else thresholds_for_json(thresholds),
-        "versions": run_info.get("versions"),
+        "versions": run_info.versions,
         "intended_use": "Research and clinical-evaluation use on images like the training data. "
         "Not a medical device; a clinician reviews every output.",
         "limitations": [
@@ -167,10 +161,10 @@ def model_card(
     return _card_markdown(card, info, metrics, thresholds), card
 
 
-def degenerate_findings(run_info: dict, metrics: dict | None) -> list[str]:
+def degenerate_findings(run_info: RunInfo, metrics: dict | None) -> list[str]:
     """What training and evaluation recorded about a degenerate model, one line each."""
     found = []
-    if record := run_info.get("degenerate_model"):
+    if record := run_info.degenerate_model:
         found.append(f"at the end of training: {record['message']}")
     if record := (metrics or {}).get("degenerate_model"):
         found.append(f"in the evaluation ({metrics.get('split')} split): {record['message']}")
@@ -284,12 +278,9 @@ def _subfolders(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
 
 
-def _evaluation(run_dir: Path, tta: bool) -> tuple[dict | None, dict | None]:
+def _evaluation(run: Run, tta: bool) -> tuple[dict | None, dict | None]:
     """The run's kept test metrics and validation thresholds (+inf restored), if evaluated."""
-    evaluation = run_dir / EVALUATION_DIR
-    metrics_file = evaluation / f"metrics_test{'_tta' if tta else ''}.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    return metrics, read_thresholds(evaluation / thresholds_file_name(tta))
+    return run.kept_metrics("test", tta), read_thresholds(run.kept(thresholds_file_name(tta)))
 
 
 def export_model(
@@ -310,16 +301,16 @@ def export_model(
     """
     run = open_run(run_dir)
     target = version_dir(out_dir)
-    if target.exists() and any(target.iterdir()) and not overwrite:
+    if atomic.is_occupied(target) and not overwrite:
         raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
     info = ModelInfo.from_run_info(run.info)
-    metrics, thresholds = _evaluation(Path(run_dir), tta)
+    metrics, thresholds = _evaluation(run, tta)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        model = run.load_model()
+        model = load_run_model(run)
         if tta:
-            model = tta_model(model, mirror=may_mirror(run.spec.modality))
+            model = tta_model(model, mirror=may_mirror(run.info.modality))
         if calibrate:
             model, thresholds = calibrated(model, thresholds, info.task)
         built = staging / "model"
@@ -353,7 +344,7 @@ def _write_assets(
     if tta:
         card["test_time_augmentation"] = "built in: probabilities averaged over the views " + (
             "identity, central 90% zoom, and both mirrored"
-            if may_mirror(run.spec.modality)
+            if may_mirror(run.info.modality)
             else "identity and central 90% zoom (not mirrored: radiograph)"
         )
         markdown += f"\n## Test-time augmentation\n{card['test_time_augmentation']}\n"

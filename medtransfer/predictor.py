@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from medtransfer.data.pipeline import Inputs, input_count, to_model_input
 from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
+from medtransfer.models.inputs import Inputs, input_count, to_model_input
+from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
+from medtransfer.rundir import RUN_FILE, ImagePolicy, RunInfo, is_run, open_run
 from medtransfer.spec import TabularFeature
-from medtransfer.training.run import RUN_FILE, open_run
 
 EXPORT_INFO = Path("assets.extra") / "medtransfer.json"
 
@@ -40,18 +41,33 @@ class ModelInfo:
     tabular: tuple[TabularFeature, ...] = field(default=())
 
     @classmethod
-    def from_run_info(cls, info: dict[str, Any]) -> ModelInfo:
-        image = info["image"]
+    def from_run_info(cls, info: RunInfo) -> ModelInfo:
+        return cls._of(
+            info.name, info.task, info.classes, info.positive_class, info.image, info.tabular
+        )
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> ModelInfo:
+        """What :meth:`to_json` wrote (an export's ``assets.extra/medtransfer.json``)."""
+        image = ImagePolicy.from_json(record["image"])
+        tabular = record.get("tabular") or []
+        return cls._of(
+            record["name"], record["task"], record["classes"], record.get("positive_class"),
+            image, tabular,
+        )  # fmt: skip
+
+    @classmethod
+    def _of(cls, name, task, classes, positive_class, image: ImagePolicy, tabular) -> ModelInfo:
         return cls(
-            tabular=tuple(TabularFeature(**f) for f in info.get("tabular") or []),
-            name=info["name"],
-            task=info["task"],
-            class_names=list(info["classes"]),
-            positive_class=info.get("positive_class"),
-            image_size=tuple(image["size"]),
-            channels=int(image["channels"]),
-            window=image["window"],
-            frames=image["frames"],
+            name=name,
+            task=task,
+            class_names=list(classes),
+            positive_class=positive_class,
+            image_size=image.size,
+            channels=image.channels,
+            window=image.window,
+            frames=image.frames,
+            tabular=tuple(TabularFeature(**feature) for feature in tabular),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -179,11 +195,11 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
     export is a fixed graph, so TTA there is chosen when exporting (``export --tta``).
     """
     source = Path(path)
-    if (source / RUN_FILE).is_file():
+    if is_run(source):
         run = open_run(source)
-        model = run.load_model()
+        model = load_run_model(run)
         if tta:
-            model = tta_model(model, mirror=may_mirror(run.spec.modality))
+            model = tta_model(model, mirror=may_mirror(run.info.modality))
         return KerasPredictor(model, ModelInfo.from_run_info(run.info), batch_size)
     if tta:
         raise ExportError(
@@ -194,8 +210,8 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
         info_file = source / EXPORT_INFO
         if not info_file.is_file():
             raise ExportError(f"{source} is a SavedModel without {EXPORT_INFO}")
-        info = ModelInfo.from_run_info(json.loads(info_file.read_text()))
+        info = ModelInfo.from_json(json.loads(info_file.read_text()))
         return SavedModelPredictor(source, info, batch_size)
     raise ExportError(
-        f"{source} is neither a run directory (run.json) nor an exported model (saved_model.pb)"
+        f"{source} is neither a run directory ({RUN_FILE}) nor an exported model (saved_model.pb)"
     )

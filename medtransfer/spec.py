@@ -22,6 +22,8 @@ from pydantic import (
 )
 
 from medtransfer.errors import SpecError
+from medtransfer.models.adaptation_methods import ADAPTATION_METHODS
+from medtransfer.rundir import RUN_WEIGHTS, is_run
 
 Task = Literal["binary", "multiclass", "multilabel"]
 Modality = Literal[
@@ -35,6 +37,9 @@ Modality = Literal[
     "histopathology",
     "other",
 ]
+# Projection radiographs: laterality is part of what they show, so they are never mirrored
+# (no flip augmentation by default, no mirrored test-time view).
+RADIOGRAPHS = ("xray", "mammography")
 Preset = Literal["none", "light", "xray", "ct", "color", "histopathology"]
 
 
@@ -234,7 +239,8 @@ class AugmentationSpec(_Strict):
         return value
 
 
-AdaptationMethod = Literal["none", "dann", "coral", "mmd", "adabn"]
+# The method registry's names (models/adaptation_methods.py): registering a method allows it.
+AdaptationMethod = Literal[tuple(ADAPTATION_METHODS)]
 
 
 class DomainAdaptationSpec(_Strict):
@@ -469,14 +475,14 @@ def _resolve_paths(spec: Spec) -> Spec:
             f"{spec.origin}: data.path: {data_path} must be {kind} for format {spec.data.format!r}"
         )
     weights = spec.model.weights
-    if weights.startswith("run:"):
-        run_dir = Path(weights.removeprefix("run:"))
+    if weights.startswith(RUN_WEIGHTS):
+        run_dir = Path(weights.removeprefix(RUN_WEIGHTS))
         run_dir = (run_dir if run_dir.is_absolute() else base / run_dir).resolve()
-        if not (run_dir / "run.json").is_file():
+        if not is_run(run_dir):
             raise SpecError(
                 f"{spec.origin}: model.weights: {weights!r} is not a finished medtransfer run"
             )
-        weights = f"run:{run_dir}"
+        weights = f"{RUN_WEIGHTS}{run_dir}"
     elif weights.lower() not in ("imagenet", "none"):
         weights_path = Path(weights) if Path(weights).is_absolute() else base / weights
         if not weights_path.is_file():
@@ -538,3 +544,8 @@ def dump_spec(spec: Spec) -> str:
     """The resolved spec as YAML (absolute paths), as stored in a run directory."""
     raw = spec.model_dump(mode="json", exclude={"source_file"})
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+def reported_classes(classes: list[str], task: Task, positive_class: str | None) -> list[str]:
+    """The classes with their own figures: a binary task's positive class, else all."""
+    return [positive_class or classes[-1]] if task == "binary" else list(classes)

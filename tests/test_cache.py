@@ -19,9 +19,10 @@ from PIL import Image
 
 from medtransfer.data import cache, pipeline
 from medtransfer.data.cache import QUANT_ERROR, CacheSettings, ShardCache
-from medtransfer.data.pipeline import load_images, to_model_input
+from medtransfer.data.pipeline import load_images
 from medtransfer.errors import DataError
 from medtransfer.io import load_image
+from medtransfer.models.inputs import to_model_input
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "corpus"
 # Small, quick files that between them cover RLE, JPEG 2000, JPEG-LS, big endian, MONOCHROME1.

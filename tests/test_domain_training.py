@@ -31,11 +31,13 @@ from medtransfer.errors import SpecError
 from medtransfer.evaluation.sites import SITES_FILE, site_report
 from medtransfer.models.adaptation import DomainAdaptationModel, GradientReversal
 from medtransfer.models.build import compile_model
+from medtransfer.models.saved import load_keras_model, load_run_model
+from medtransfer.rundir import HISTORY_FILE, MANIFEST_FILE, RUN_FILE, SOURCE_MODEL_FILE
 from medtransfer.spec import dump_spec, load_spec, spec_from_dict
 from medtransfer.training import domain
 from medtransfer.training import run as run_module
 from medtransfer.training.checkpoint import load_checkpoint
-from medtransfer.training.run import HISTORY_FILE, MANIFEST_FILE, RUN_FILE, open_run, train
+from medtransfer.training.run import train
 from medtransfer.training.schedule import find_backbone
 
 from .test_resume import KillAfterEpoch, Killed
@@ -257,7 +259,7 @@ def test_the_training_model_wraps_the_classifier_and_phases_find_its_backbone(ma
 
 
 def check_adapted_run(run, method):
-    info = run.info["domain_adaptation"]
+    info = run.info.domain_adaptation
     assert info["method"] == method and info["labelled_sites"] == [SOURCE]
     assert info["validation"] == "source" and "no target labels" in info["best_epoch_chosen_on"]
     assert info["images"] == {
@@ -272,7 +274,7 @@ def check_adapted_run(run, method):
     assert {"task_loss", aligned, "val_auc"} <= set(history.columns)
     assert np.isfinite(history[aligned]).all()
     assert any((run.path / "logs").rglob("*tfevents*"))
-    model = open_run(run.path).load_model()  # safe_mode=True
+    model = load_run_model(run.path)  # safe_mode=True
     assert not isinstance(model, DomainAdaptationModel)
     assert not any(isinstance(layer, GradientReversal) for layer in _layers(model))
     assert [layer.name for layer in model.layers][-3:] == [
@@ -293,7 +295,7 @@ def test_dann_trains_end_to_end_in_a_traced_graph(manifest, tmp_path):
     run = train(spec, tmp_path / "dann", workers=0)
     check_adapted_run(run, "dann")
     checkpoint = load_checkpoint(run.path)  # the domain classifier trains, but is not saved
-    assert len(checkpoint.model_values) > len(open_run(run.path).load_model().variables)
+    assert len(checkpoint.model_values) > len(load_run_model(run.path).variables)
 
 
 @pytest.mark.parametrize("method", ["coral", "mmd"])
@@ -321,16 +323,16 @@ def test_resumed_dann_run_matches_the_uninterrupted_one(manifest, tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(got.optimizer_values, want.optimizer_values, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert resumed.info["best_epoch"] == reference.info["best_epoch"]
+    assert resumed.info.best_epoch == reference.info.best_epoch
 
 
 def test_adabn_changes_only_batchnorm_statistics(manifest, tmp_path):
     with eagerly():
         run = train(make_spec(manifest, adapting("adabn")), tmp_path / "adabn", workers=0)
-    info = run.info["domain_adaptation"]
+    info = run.info.domain_adaptation
     assert info["method"] == "adabn" and info["adabn"]["target_images"] == 2 * COUNTS["train"]
-    adapted = run.load_model()
-    source = keras.saving.load_model(run.path / domain.SOURCE_MODEL_FILE, safe_mode=True)
+    adapted = load_run_model(run)
+    source = load_keras_model(run.path / SOURCE_MODEL_FILE)
     batchnorm = [x for x in _layers(adapted) if isinstance(x, keras.layers.BatchNormalization)]
     assert info["adabn"]["adapted_layers"] == len(batchnorm) > 0
     statistics = {id(v) for x in batchnorm for v in (x.moving_mean, x.moving_variance)}

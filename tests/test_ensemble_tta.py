@@ -15,10 +15,12 @@ from medtransfer.errors import RunError
 from medtransfer.evaluation.compare import compare_reports
 from medtransfer.evaluation.report import evaluate
 from medtransfer.evaluation.stats import paired_delong
+from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import CentralZoom, MirrorLeftRight, tta_model
+from medtransfer.rundir import SPEC_FILE, open_run
 from medtransfer.spec import load_spec
 from medtransfer.training.ensemble import create_ensemble, member_weights
-from medtransfer.training.run import SPEC_FILE, open_run, train
+from medtransfer.training.run import train
 
 IMAGES = np.random.default_rng(5).random((6, 40, 40, 1)).astype(np.float32)
 
@@ -32,7 +34,7 @@ def members(tiny_run, tmp_path_factory):
 
 
 def predict(run_dir, images=IMAGES):
-    return np.asarray(open_run(run_dir).load_model()(images, training=False))
+    return np.asarray(load_run_model(run_dir)(images, training=False))
 
 
 @pytest.mark.parametrize("method", ["mean", "weighted", "vote"])
@@ -43,7 +45,7 @@ def test_ensemble_combines_its_members_exactly(members, method, tmp_path):
     if method == "mean":
         expected = each.mean(0)
     elif method == "weighted":
-        aucs = [open_run(m).info["best_val_auroc"] for m in members]
+        aucs = [open_run(m).info.best_val_auroc for m in members]
         w = np.array([max(a - 0.5, 1e-6) for a in aucs])
         expected = np.tensordot(w / w.sum(), each, axes=1)
         assert json.loads((out / "run.json").read_text())["ensemble"]["weights"] == pytest.approx(
@@ -119,7 +121,7 @@ def test_tta_views_are_exact():
 
 @pytest.mark.parametrize(("mirror", "views"), [(True, 4), (False, 2)])
 def test_tta_model_averages_the_model_over_its_views(tiny_run, mirror, views):
-    model = open_run(tiny_run).load_model()
+    model = load_run_model(tiny_run)
     wrapped = tta_model(model, mirror=mirror)
     assert len(wrapped.get_layer("probabilities").member_weights) == views
     x = tf.constant(IMAGES)

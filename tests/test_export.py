@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from medtransfer.errors import ExportError
 from medtransfer.export import export_model
-from medtransfer.training.run import open_run
+from medtransfer.models.saved import load_run_model
 
 from .conftest import SHARED_TOOLS
 
@@ -81,7 +81,7 @@ def test_serving_default_matches_keras_in_a_tensorflow_only_process(exported, ti
     assert result.returncode == 0, result.stderr
     assert "['plain', 'spot']" in result.stdout
     served = np.load(tmp_path / "p.npy")
-    expected = np.asarray(open_run(tiny_run).load_model()(x, training=False))
+    expected = np.asarray(load_run_model(tiny_run)(x, training=False))
     assert served.shape == (4, 2)
     assert np.max(np.abs(served - expected)) <= 1e-5
 
@@ -91,7 +91,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def test_png_signature_matches_keras_on_the_same_quantised_pixels(exported, tiny_run):
-    model = open_run(tiny_run).load_model()
+    model = load_run_model(tiny_run)
     serve = tf.saved_model.load(str(exported)).signatures["predict_png"]
     images8 = [RNG.integers(0, 256, (32, 32, 1), dtype=np.uint8) for _ in range(3)]
     images16 = [RNG.integers(0, 65536, (32, 32, 1), dtype=np.uint16) for _ in range(2)]
@@ -122,7 +122,7 @@ def test_tf_serving_rest_body_goes_through_the_png_signature(exported, tiny_run)
     signature = tf.saved_model.load(str(exported)).signatures[request["signature_name"]]
     raw = [base64.b64decode(inst["image_bytes"]["b64"]) for inst in request["instances"]]
     served = signature(image_bytes=tf.constant(raw))["probabilities"].numpy()
-    model = open_run(tiny_run).load_model()
+    model = load_run_model(tiny_run)
     expected = np.asarray(model((image / 255.0).astype(np.float32)[None], training=False))
     assert np.max(np.abs(served - expected)) <= 1e-5
 

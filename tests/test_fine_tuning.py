@@ -14,8 +14,9 @@ from medtransfer.errors import SpecError, WeightsUnavailableError
 from medtransfer.evaluation.plots import history_figure
 from medtransfer.models.backbones import backbone_blocks, build_backbone
 from medtransfer.models.build import build_model, compile_model
+from medtransfer.models.saved import load_run_model
 from medtransfer.spec import spec_from_dict
-from medtransfer.training.run import open_run, train
+from medtransfer.training.run import train
 from medtransfer.training.schedule import plan_phases
 
 from .conftest import make_png_folders
@@ -112,12 +113,10 @@ def test_head_phase_freezes_the_backbone_then_only_top_blocks_learn(pretrained_s
 def test_train_runs_the_phases_and_records_them(pretrained_setup):
     root, _, spec = pretrained_setup
     run = train(spec, root / "run", workers=0)
-    assert [p["name"] for p in run.info["phases"]] == ["head", "fine_tune"]
-    assert [(p["first_epoch"], p["epochs_run"]) for p in run.info["phases"]] == [(1, 1), (2, 1)]
+    assert [p["name"] for p in run.info.phases] == ["head", "fine_tune"]
+    assert [(p["first_epoch"], p["epochs_run"]) for p in run.info.phases] == [(1, 1), (2, 1)]
     assert json.loads((run.path / "run.json").read_text())["epochs_run"] == 2
-    figure = history_figure(
-        pd.read_csv(run.path / "history.csv").to_dict("list"), run.info["phases"]
-    )
+    figure = history_figure(pd.read_csv(run.path / "history.csv").to_dict("list"), run.info.phases)
     boundaries = [line.get_xdata()[0] for line in figure.axes[0].lines[2:]]
     assert boundaries == [1.5]  # between epoch 1 (head) and epoch 2 (fine_tune)
     lines = (run.path / "history.csv").read_text().strip().splitlines()
@@ -127,7 +126,7 @@ def test_train_runs_the_phases_and_records_them(pretrained_setup):
 def test_medical_source_pretraining_starts_from_another_runs_backbone(tiny_run, tmp_path):
     data = make_png_folders(tmp_path / "data", per_class=2)
     spec = spec_for(data, f"run:{tiny_run}")
-    source = open_run(tiny_run).load_model().get_layer("backbone")
+    source = load_run_model(tiny_run).get_layer("backbone")
     target = build_model(spec).get_layer("backbone")
     for a, b in zip(source.weights, target.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -137,7 +137,7 @@ def test_scoring_rows_do_not_depend_on_where_files_are_decoded(
 def test_the_compiled_model_call_equals_the_eager_one() -> None:
     import keras
 
-    from medtransfer.data.pipeline import to_model_input
+    from medtransfer.models.inputs import to_model_input
     from medtransfer.predictor import KerasPredictor, ModelInfo
 
     keras.utils.set_random_seed(3)

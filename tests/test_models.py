@@ -134,7 +134,7 @@ def test_registry_has_the_promised_backbones():
 
 def test_pipeline_resize_is_the_models_own_resize():
     """Training feeds pre-resized images; serving feeds full-size ones: same pixels either way."""
-    from medtransfer.data.pipeline import to_model_input
+    from medtransfer.models.inputs import to_model_input
 
     resize = build_model(tiny_spec()).get_layer("resize")
     for shape in ((97, 61), (40, 120), (32, 32)):

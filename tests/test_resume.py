@@ -12,9 +12,10 @@ import pytest
 
 from medtransfer.errors import RunError
 from medtransfer.models.backbones import build_backbone
+from medtransfer.rundir import HISTORY_FILE, RUN_FILE, SPEC_FILE
 from medtransfer.spec import dump_spec, spec_from_dict
 from medtransfer.training.checkpoint import TrainingState, load_checkpoint, write_checkpoint
-from medtransfer.training.run import HISTORY_FILE, RUN_FILE, SPEC_FILE, train
+from medtransfer.training.run import train
 
 from .conftest import make_png_folders
 
@@ -78,10 +79,10 @@ def interrupted_then_resumed(spec, run_dir, kill_epoch):
 def assert_same_run(resumed, reference):
     for got, want in zip(final_weights(resumed.path), final_weights(reference.path), strict=True):
         np.testing.assert_array_equal(got, want)
-    assert resumed.info["best_epoch"] == reference.info["best_epoch"]
-    assert resumed.info["resumed"] and not reference.info["resumed"]
+    assert resumed.info.best_epoch == reference.info.best_epoch
+    assert resumed.info.resumed and not reference.info.resumed
     history = pd.read_csv(resumed.path / HISTORY_FILE)
-    assert history["epoch"].tolist() == list(range(reference.info["epochs_run"]))
+    assert history["epoch"].tolist() == list(range(reference.info.epochs_run))
     np.testing.assert_allclose(
         history["val_auc"], pd.read_csv(reference.path / HISTORY_FILE)["val_auc"], rtol=0, atol=0
     )
@@ -99,7 +100,7 @@ def test_resumed_single_phase_run_matches_uninterrupted(make_spec, tmp_path):
 def two_phase(make_spec, tmp_path_factory):
     spec = make_spec("file", fine_tune={"head_epochs": 2})
     reference = train(spec, tmp_path_factory.mktemp("two_phase") / "whole", workers=0)
-    assert [p["name"] for p in reference.info["phases"]] == ["head", "fine_tune"]
+    assert [p["name"] for p in reference.info.phases] == ["head", "fine_tune"]
     return spec, reference
 
 
@@ -122,7 +123,7 @@ def test_early_stopping_counters_survive_a_restart(make_spec, tmp_path):
     spec = make_spec(epochs=8, early_stopping_patience=1)
     reference = train(spec, tmp_path / "whole", workers=0)
     resumed = interrupted_then_resumed(spec, tmp_path / "killed", kill_epoch=1)
-    assert resumed.info["epochs_run"] == reference.info["epochs_run"]
+    assert resumed.info.epochs_run == reference.info.epochs_run
     assert_same_run(resumed, reference)
 
 
@@ -151,5 +152,5 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(make_spec, tmp_pa
     (started / SPEC_FILE).write_text(dump_spec(spec))
     (started / HISTORY_FILE).write_text("epoch,half a row")
     run = train(None, started, resume=True, workers=0)
-    assert run.info["epochs_run"] == 1
+    assert run.info.epochs_run == 1
     assert pd.read_csv(started / HISTORY_FILE)["epoch"].tolist() == [0]

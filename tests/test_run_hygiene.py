@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 
 from medtransfer.errors import DegenerateModelWarning, ExportError, RunError
-from medtransfer.evaluation.report import read_thresholds
+from medtransfer.evaluation.thresholds import read_thresholds
 from medtransfer.export import EXPORT_THRESHOLDS, export_model, version_dir
+from medtransfer.rundir import MODEL_FILE, RUN_FILE, SPEC_FILE
 from medtransfer.spec import load_spec, spec_from_dict
-from medtransfer.training.run import MODEL_FILE, RUN_FILE, SPEC_FILE, train
+from medtransfer.training.run import train
 
 from .conftest import tiny_config
 
@@ -158,7 +159,7 @@ def test_a_train_failing_before_its_first_checkpoint_leaves_nothing_behind(
         run = train(spec_from_dict(config, base_dir=tmp_path), out, workers=0)
     recorded = strict_json(out / RUN_FILE)["degenerate_model"]
     assert recorded["splits"] == {"val": ["spot"]}
-    assert run.info["degenerate_model"] == recorded
+    assert run.info.degenerate_model == recorded
 
 
 def test_cli_export_to_a_name_adds_versions_and_warns_in_one_line(

@@ -10,10 +10,10 @@ import pytest
 
 from medtransfer.cli import main
 from medtransfer.evaluation.seeds import SUMMARY_FILE, evaluate_seeds
-from medtransfer.spec import dump_spec, spec_from_dict
+from medtransfer.rundir import RUN_FILE, SEEDS_FILE, format_spread, spread
+from medtransfer.spec import dump_spec, load_spec, spec_from_dict
 from medtransfer.training.checkpoint import load_checkpoint
-from medtransfer.training.run import RUN_FILE
-from medtransfer.training.seeds import SEEDS_FILE, format_spread, spread, train_seeds
+from medtransfer.training.seeds import train_seeds
 
 from .conftest import make_png_folders
 
@@ -48,9 +48,9 @@ def seeds_run(tmp_path_factory):
 def test_one_run_per_seed_and_their_spread(seeds_run):
     _, result = seeds_run
     assert [run.path.name for run in result.runs] == ["seed_0", "seed_1"]
-    assert [run.info["seed"] for run in result.runs] == [0, 1]
+    assert [run.info.seed for run in result.runs] == [0, 1]
     stored = json.loads((result.path / SEEDS_FILE).read_text())
-    values = [run.info["best_val_auroc"] for run in result.runs]
+    values = [run.info.best_val_auroc for run in result.runs]
     assert stored["best_val_auroc"] == spread(values)
     first, second = (load_checkpoint(run.path).model_values for run in result.runs)
     assert any((a != b).any() for a, b in zip(first, second, strict=True)), "seeds gave one model"
@@ -74,10 +74,10 @@ def test_resume_keeps_finished_seeds_and_trains_the_missing_one(seeds_run):
     spec, result = seeds_run
     finished = {run.path.name: (run.path / RUN_FILE).stat().st_mtime_ns for run in result.runs}
     more = train_seeds(None, result.path, [0, 1, 2], resume=True, workers=0)
-    assert [run.info["seed"] for run in more.runs] == [0, 1, 2]
+    assert [run.info.seed for run in more.runs] == [0, 1, 2]
     for name, mtime in finished.items():
         assert (result.path / name / RUN_FILE).stat().st_mtime_ns == mtime  # not retrained
-    third = more.runs[2].spec
+    third = load_spec(more.runs[2].spec_file)
     assert third.training.seed == 2
     assert dump_spec(third.with_overrides(training={"seed": 0})) == dump_spec(spec)
 

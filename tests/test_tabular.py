@@ -17,6 +17,7 @@ from pydicom.uid import generate_uid
 from medtransfer.data.manifest import build_manifest
 from medtransfer.data.tabular import column_name, numeric_statistics, parse_number
 from medtransfer.errors import SpecError
+from medtransfer.models.saved import load_run_model
 from medtransfer.spec import spec_from_dict
 
 from .conftest import SHARED_DATA
@@ -197,7 +198,7 @@ def test_spec_refuses_tabular_features_on_npz_and_with_image_mixing(tmp_path):
                 "tabular": [{"name": "age", "type": "numeric"}],
             }
         )
-    from medtransfer.data.augment_presets import check_settings, resolve_settings
+    from medtransfer.data.augment_settings import check_settings, resolve_settings
 
     spec = png_manifest_spec(tmp_path, [{"name": "age", "type": "numeric"}])
     mixing = spec.with_overrides(augmentation={"options": {"mixup": {"probability": 0.5}}})
@@ -390,7 +391,7 @@ def test_export_and_scoring_take_the_same_inputs_as_evaluation(tabular_run, tmp_
         age=tf.constant(columns["age"], tf.float32),
         sex=tf.constant(columns["sex"]),
     )["probabilities"].numpy()
-    keras_model = run.load_model()
+    keras_model = load_run_model(run)
     expected = keras_model(
         {
             "image": tf.image.resize(tf.zeros((3, 8, 8, 1)), (32, 32), antialias=True),

@@ -19,8 +19,26 @@ from medtransfer.data.augment import batch_seed, make_augmenter
 from medtransfer.data.augment_presets import MODALITY_PRESETS
 from medtransfer.data.manifest import build_manifest
 from medtransfer.data.pipeline import load_split
-from medtransfer.evaluation.plots import image_grid_figure
 from medtransfer.spec import Spec
+
+
+def image_grid_figure(
+    images: list[np.ndarray], titles: list[str] | None = None, *, columns: int = 4
+) -> Figure:
+    """Images in [0, 1] ([H, W], [H, W, 1] or [H, W, 3]) on a grid, grey shown as grey."""
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows), dpi=100)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        image = images[i][..., 0] if images[i].ndim == 3 and images[i].shape[-1] == 1 else images[i]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        if titles:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def pick_examples(targets: np.ndarray, count: int) -> np.ndarray:

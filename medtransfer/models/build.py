@@ -27,9 +27,10 @@ from medtransfer.models.layers import (
     StandardizeWithMissing,
 )
 from medtransfer.models.losses import MaskedAUC, MaskedBinaryAccuracy, MaskedMultilabelLoss
+from medtransfer.models.saved import load_run_model
+from medtransfer.rundir import RUN_WEIGHTS, open_run
 from medtransfer.spec import Spec
 
-RUN_WEIGHTS = "run:"
 TABULAR_UNITS = 16
 
 
@@ -104,18 +105,16 @@ def _backbone_from_run(run_dir: Path, spec: Spec, input_shape: tuple[int, int, i
     Only the backbone transfers (its head answered another question). Convolutional weights do
     not depend on the input size, so the source run may have trained at another resolution.
     """
-    from medtransfer.training.run import open_run
-
     try:
         source_run = open_run(run_dir)
     except RunError as error:
         raise WeightsUnavailableError(f"model.weights run:{run_dir}: {error}") from None
-    if source_run.info["backbone"] != spec.model.backbone:
+    if source_run.info.backbone != spec.model.backbone:
         raise WeightsUnavailableError(
-            f"run {run_dir} trained a {source_run.info['backbone']} backbone; this spec asks "
+            f"run {run_dir} trained a {source_run.info.backbone} backbone; this spec asks "
             f"for {spec.model.backbone}"
         )
-    source = source_run.load_model().get_layer("backbone")
+    source = load_run_model(source_run).get_layer("backbone")
     # Through a weights file rather than set_weights: loading a file is what refreshes derived
     # state such as EfficientNet's Normalization statistics and its ImageNet stem rescaling.
     with tempfile.TemporaryDirectory() as folder:

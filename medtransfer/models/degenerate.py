@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from medtransfer.errors import DegenerateModelWarning
-from medtransfer.evaluation.clinical import reported_classes
+from medtransfer.spec import reported_classes
 
 SPREAD_TOLERANCE = 1e-6  # max - min of a class's probability across images
 

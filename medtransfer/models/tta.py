@@ -2,7 +2,7 @@
 
 The views are deterministic (no randomness at inference): the image itself, a central crop
 zoomed back to full size, and, where mirroring keeps an image's meaning, both mirrored. A chest
-film is never mirrored: laterality is part of what it shows (see ``augment_presets.RADIOGRAPHS``).
+film is never mirrored: laterality is part of what it shows (see ``spec.RADIOGRAPHS``).
 Because the views are Keras layers, a TTA model is saved, evaluated and exported like any other.
 """
 
@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from medtransfer.models.ensemble import WeightedAverage
+from medtransfer.spec import RADIOGRAPHS
 
 CROP_FRACTION = 0.9
 
@@ -52,8 +53,6 @@ class CentralZoom(keras.layers.Layer):
 
 def may_mirror(modality: str) -> bool:
     """Whether mirroring keeps an image of this modality meaningful (not for radiographs)."""
-    from medtransfer.data.augment_presets import RADIOGRAPHS
-
     return modality not in RADIOGRAPHS
 
 

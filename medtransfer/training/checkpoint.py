@@ -24,8 +24,8 @@ import numpy as np
 
 from medtransfer import atomic
 from medtransfer.errors import RunError
+from medtransfer.rundir import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.npz"
 _STATE_KEY = "state"
 
 

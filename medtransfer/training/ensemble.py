@@ -12,18 +12,20 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from medtransfer import atomic
 from medtransfer.errors import RunError
 from medtransfer.models.ensemble import METHODS, ensemble_model
-from medtransfer.training.run import (
+from medtransfer.models.saved import load_run_model
+from medtransfer.rundir import (
     MANIFEST_FILE,
     MODEL_FILE,
-    RUN_FILE,
     SPEC_FILE,
+    Run,
+    RunInfo,
     open_run,
     package_versions,
+    write_info,
 )
 
 _MUST_AGREE = ("task", "classes", "positive_class", "data_fingerprint")
@@ -52,58 +54,71 @@ def create_ensemble(
     first = runs[0]
     for run in runs[1:]:
         for key in _MUST_AGREE:
-            if run.info.get(key) != first.info.get(key):
+            theirs, ours = getattr(run.info, key), getattr(first.info, key)
+            if theirs != ours:
                 raise RunError(
-                    f"{run.path} and {first.path} differ in {key} "
-                    f"({run.info.get(key)!r} vs {first.info.get(key)!r}): members must answer "
-                    "the same question on the same data"
+                    f"{run.path} and {first.path} differ in {key} ({theirs!r} vs {ours!r}): "
+                    "members must answer the same question on the same data"
                 )
-        if run.info["image"]["channels"] != first.info["image"]["channels"]:
+        if run.info.image.channels != first.info.image.channels:
             raise RunError(f"{run.path} takes another number of image channels than {first.path}")
-        if (run.info.get("tabular") or []) != (first.info.get("tabular") or []):
+        if run.info.tabular != first.info.tabular:
             raise RunError(f"{run.path} takes other tabular features than {first.path}")
-        if not _same_splits(run.path, first.path):
+        if not _same_splits(run, first):
             raise RunError(f"{run.path} and {first.path} split the data differently")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if atomic.is_occupied(out) and not overwrite:
         raise RunError(f"{out} already exists and is not empty (pass --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    val_aurocs = [atomic.float_or(run.info["best_val_auroc"]) for run in runs]
+    val_aurocs = [atomic.float_or(run.info.best_val_auroc) for run in runs]
     weights = member_weights(val_aurocs) if method == "weighted" else None
     model = ensemble_model(
-        [run.load_model() for run in runs],
+        [load_run_model(run) for run in runs],
         method,
         weights=weights,
-        multilabel=first.info["task"] == "multilabel",
-        name=f"medtransfer_{first.info['name']}_ensemble",
+        multilabel=first.info.task == "multilabel",
+        name=f"medtransfer_{first.info.name}_ensemble",
     )
     shutil.copyfile(first.path / SPEC_FILE, out / SPEC_FILE)
     shutil.copyfile(first.path / MANIFEST_FILE, out / MANIFEST_FILE)
     model.save(out / MODEL_FILE)
-    copied = ("name", "task", "classes", "positive_class", "image", "tabular", "images")
-    info = {key: first.info.get(key) for key in (*copied, "data_fingerprint")}
-    info |= {
-        "backbone": "ensemble of " + ", ".join(sorted({r.info["backbone"] for r in runs})),
-        "weights": "members",
-        "seed": [run.info.get("seed") for run in runs],
-        "ensemble": {
+    write_info(out, _ensemble_info(runs, method, val_aurocs, weights))
+    return out
+
+
+def _ensemble_info(
+    runs: list[Run], method: str, val_aurocs: list[float], weights: list[float] | None
+) -> RunInfo:
+    """The first member's description of the data and the question, the members' own."""
+    first = runs[0].info
+    return RunInfo(
+        name=first.name,
+        task=first.task,
+        classes=first.classes,
+        positive_class=first.positive_class,
+        image=first.image,
+        modality=first.modality,
+        tabular=first.tabular,
+        images=first.images,
+        data_fingerprint=first.data_fingerprint,
+        backbone="ensemble of " + ", ".join(sorted({r.info.backbone for r in runs})),
+        weights="members",
+        seed=[run.info.seed for run in runs],
+        ensemble={
             "method": method,
             "members": [str(run.path.resolve()) for run in runs],
             "member_best_val_auroc": val_aurocs,
             "weights": weights,
         },
         # the members' own validation figures; the ensemble's are in its evaluation
-        "best_val_auroc": float(np.mean(val_aurocs)),
-        "best_epoch": None,
-        "versions": package_versions(),
-    }
-    atomic.write_json(out / RUN_FILE, info)
-    return out
+        best_val_auroc=float(np.mean(val_aurocs)),
+        versions=package_versions(),
+    )
 
 
-def _same_splits(a: Path, b: Path) -> bool:
-    left = pd.read_csv(a / MANIFEST_FILE, keep_default_na=False)[["path", "split"]]
-    right = pd.read_csv(b / MANIFEST_FILE, keep_default_na=False)[["path", "split"]]
+def _same_splits(a: Run, b: Run) -> bool:
+    left = a.manifest()[["path", "split"]]
+    right = b.manifest()[["path", "split"]]
     return (
         left.sort_values("path")
         .reset_index(drop=True)

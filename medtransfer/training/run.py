@@ -8,41 +8,47 @@ the PHI-free manifest with its splits, the training history and the best model.
 from __future__ import annotations
 
 import contextlib
-import json
-import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from medtransfer import atomic
-from medtransfer.data.augment import make_augmenter
+from medtransfer import atomic, rundir
+from medtransfer.data.augment import Augmenter, make_augmenter
 from medtransfer.data.manifest import build_manifest, fingerprint
-from medtransfer.data.pipeline import (
-    Inputs,
-    input_count,
-    load_split,
-    make_dataset,
-)
+from medtransfer.data.pipeline import load_split, make_dataset
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.data.tabular import summary as tabular_summary
 from medtransfer.errors import RunError
-from medtransfer.evaluation.degenerate import degenerate_model, warn_degenerate
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
+from medtransfer.models.degenerate import degenerate_model, warn_degenerate
+from medtransfer.models.inputs import Inputs, input_count
+from medtransfer.models.saved import load_run_model
+from medtransfer.rundir import (
+    CHECKPOINT_FILE,
+    HISTORY_FILE,
+    LOGS_DIR,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    RUN_FILE,
+    SPEC_FILE,
+    ImagePolicy,
+    Run,
+    RunInfo,
+    package_versions,
+)
 from medtransfer.spec import Spec, dump_spec, load_spec
 from medtransfer.training import domain
 from medtransfer.training.checkpoint import (
-    CHECKPOINT_FILE,
     Checkpoint,
     EpochCheckpoint,
     TrainingState,
@@ -55,87 +61,6 @@ from medtransfer.training.devices import (
     plan_execution,
 )
 from medtransfer.training.schedule import Phase, plan_phases
-
-MODEL_FILE = "model.keras"
-RUN_FILE = "run.json"
-SPEC_FILE = "spec.yaml"
-MANIFEST_FILE = "manifest.csv"
-HISTORY_FILE = "history.csv"
-LOGS_DIR = "logs"
-EVALUATION_DIR = "evaluation"
-_VERSIONED = ("medtransfer", "tensorflow", "keras", "numpy", "pydicom", "pandas", "scikit-learn")
-
-
-@dataclass(frozen=True)
-class Run:
-    """A finished run directory, as evaluate/export/score read it."""
-
-    path: Path
-    info: dict[str, Any]
-
-    @property
-    def spec(self) -> Spec:
-        return load_spec(self.path / SPEC_FILE)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.info["classes"])
-
-    def load_model(self) -> keras.Model:
-        # registers medtransfer's layers, losses and metrics, ensembles and adaptation models
-        import medtransfer.models.adaptation
-        import medtransfer.models.ensemble
-        import medtransfer.models.layers
-        import medtransfer.models.losses  # noqa: F401
-
-        return keras.saving.load_model(self.path / MODEL_FILE, safe_mode=True)
-
-
-def open_run(path: str | Path) -> Run:
-    run_dir = Path(path)
-    info_file = run_dir / RUN_FILE
-    if not info_file.is_file() or not (run_dir / MODEL_FILE).is_file():
-        raise RunError(f"{run_dir} is not a finished medtransfer run (no {RUN_FILE}/{MODEL_FILE})")
-    return Run(run_dir, json.loads(info_file.read_text()))
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _prepare_run_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunError(f"{out} already exists and is not empty (pass overwrite=True / --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (RUN_FILE, MODEL_FILE, HISTORY_FILE, CHECKPOINT_FILE, domain.SOURCE_MODEL_FILE):
-        (out / stale).unlink(missing_ok=True)
-
-
-def _resumable(out: Path, spec: Spec | None) -> tuple[Spec, Checkpoint | None]:
-    """The stored spec and last checkpoint of an unfinished run (``spec``, if given, must match).
-
-    A run killed before its first epoch ended has no checkpoint: it starts again from scratch.
-    """
-    if (out / RUN_FILE).is_file():
-        raise RunError(f"{out} is a finished run: there is nothing to resume")
-    if not (out / SPEC_FILE).is_file():
-        raise RunError(f"{out} is not a medtransfer run directory (no {SPEC_FILE})")
-    stored = load_spec(out / SPEC_FILE)
-    if spec is not None and dump_spec(spec) != dump_spec(stored):
-        raise RunError(
-            f"the spec given differs from the one {out} was started with; resume without a "
-            f"spec (it is read from {out / SPEC_FILE}) or start a new run"
-        )
-    if not (out / CHECKPOINT_FILE).is_file():
-        _prepare_run_dir(out, overwrite=True)
-        return stored, None
-    return stored, load_checkpoint(out)
 
 
 def train(
@@ -169,7 +94,7 @@ def train(
         out = Path(tempfile.mkdtemp(prefix="medtransfer-worker-"))
     with _undone_if_failed_before_a_checkpoint(out):
         run = _train(spec, out, plan, strategy, overwrite, resume, workers, callbacks)
-    warn_degenerate(run.info["degenerate_model"], f"train {out}")
+    warn_degenerate(run.info.degenerate_model, f"train {out}")
     return run
 
 
@@ -183,27 +108,12 @@ def _train(
     workers: int | None,
     callbacks: Sequence[keras.callbacks.Callback],
 ) -> Run:
-    checkpoint: Checkpoint | None = None
-    if resume:
-        spec, checkpoint = _resumable(out, spec)
-    elif spec is None:
-        raise RunError("a spec is needed to start a run")
-    else:
-        _prepare_run_dir(out, overwrite)
+    spec, checkpoint = _start_or_resume(spec, out, overwrite=overwrite, resume=resume)
     started, cpu_started = time.time(), time.process_time()
     keras.utils.set_random_seed(spec.training.seed)
     manifest = build_manifest(spec)
-    data_fingerprint = fingerprint(manifest)
-    state = checkpoint.state if checkpoint else TrainingState(data_fingerprint=data_fingerprint)
-    if state.data_fingerprint != data_fingerprint:
-        raise RunError(f"the data behind {out} changed since the run started; it cannot resume")
-
-    # Domain adaptation: labels train from the source sites only; target images come unlabelled.
-    domain.check_sites(spec, manifest)
-    labelled = domain.labelled_rows(spec, manifest)
-    train_x, train_y = load_split(spec, labelled, "train", workers=workers)
-    val_x, val_y = load_split(spec, domain.validation_rows(spec, manifest), "val", workers=workers)
-    target_x = domain.load_target_images(spec, manifest, workers=workers)
+    state = _training_state(out, manifest, checkpoint)
+    splits = _load_splits(spec, manifest, workers)
     if checkpoint is None:
         atomic.write_text(out / SPEC_FILE, dump_spec(spec))
         atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
@@ -211,40 +121,93 @@ def _train(
         _truncate_history(out / HISTORY_FILE, state.epochs)
 
     with strategy.scope():  # model and optimizer variables live on the strategy's devices
-        phases = _fit_phases(
-            spec,
-            out,
-            state,
-            checkpoint,
-            (train_x, train_y),
-            (val_x, val_y),
-            callbacks,
-            plan,
-            target_x,
-        )
-        adabn = None
-        if spec.domain_adaptation.method == "adabn":  # the best model, re-normalised for target
-            adabn = domain.apply_adabn(out / MODEL_FILE, target_x)
+        phases = _fit_phases(spec, out, state, checkpoint, splits, callbacks, plan)
+        # the best model, re-normalised for the target site if the method does that (AdaBN)
+        adabn = domain.adapt_after_training(spec, out / MODEL_FILE, splits.target)
     adaptation = domain.run_info(
         spec,
         manifest,
-        input_count(train_x),
-        input_count(val_x),
-        0 if target_x is None else len(target_x),
+        input_count(splits.train[0]),
+        input_count(splits.val[0]),
+        0 if splits.target is None else len(splits.target),
         adabn,
     )
     info = _run_info(spec, state, phases, manifest, adaptation)
-    info |= {
-        "degenerate_model": _kept_model_degeneracy(Run(out, info), (val_x, val_y)),
-        "train_seconds": round(time.time() - started, 1),
-        # this process's CPU time, all threads (decode worker processes not included)
-        "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        "resumed": resume,
-        "execution": plan.describe(),
-        "versions": package_versions(),
-    }
-    atomic.write_json(out / RUN_FILE, info)
-    return Run(out, info)
+    return rundir.write_info(
+        out,
+        info.replace(
+            degenerate_model=_kept_model_degeneracy(Run(out, info), spec, splits.val),
+            train_seconds=round(time.time() - started, 1),
+            # this process's CPU time, all threads (decode worker processes not included)
+            cpu_seconds=round(time.process_time() - cpu_started, 1),
+            resumed=resume,
+            execution=plan.describe(),
+            versions=package_versions(),
+        ),
+    )
+
+
+def _start_or_resume(
+    spec: Spec | None, out: Path, *, overwrite: bool, resume: bool
+) -> tuple[Spec, Checkpoint | None]:
+    """The spec to train and, for a resumed run that got to one, its last checkpoint."""
+    if resume:
+        return _resumable(out, spec)
+    if spec is None:
+        raise RunError("a spec is needed to start a run")
+    rundir.start(out, overwrite)
+    return spec, None
+
+
+def _resumable(out: Path, spec: Spec | None) -> tuple[Spec, Checkpoint | None]:
+    """The stored spec and last checkpoint of an unfinished run (``spec``, if given, must match).
+
+    A run killed before its first epoch ended has no checkpoint: it starts again from scratch.
+    """
+    if (out / RUN_FILE).is_file():
+        raise RunError(f"{out} is a finished run: there is nothing to resume")
+    if not (out / SPEC_FILE).is_file():
+        raise RunError(f"{out} is not a medtransfer run directory (no {SPEC_FILE})")
+    stored = load_spec(out / SPEC_FILE)
+    if spec is not None and dump_spec(spec) != dump_spec(stored):
+        raise RunError(
+            f"the spec given differs from the one {out} was started with; resume without a "
+            f"spec (it is read from {out / SPEC_FILE}) or start a new run"
+        )
+    if not (out / CHECKPOINT_FILE).is_file():
+        rundir.start(out, overwrite=True)
+        return stored, None
+    return stored, load_checkpoint(out)
+
+
+def _training_state(
+    out: Path, manifest: pd.DataFrame, checkpoint: Checkpoint | None
+) -> TrainingState:
+    """The checkpoint's state, or a fresh one; a resumed run must see the data it started on,
+    or its remaining epochs would train on other images than the first ones did."""
+    data_fingerprint = fingerprint(manifest)
+    state = checkpoint.state if checkpoint else TrainingState(data_fingerprint=data_fingerprint)
+    if state.data_fingerprint != data_fingerprint:
+        raise RunError(f"the data behind {out} changed since the run started; it cannot resume")
+    return state
+
+
+class _Splits(NamedTuple):
+    """The arrays a run trains on and picks its best epoch by."""
+
+    train: tuple[Inputs, np.ndarray]
+    val: tuple[Inputs, np.ndarray]
+    target: np.ndarray | None  # unlabelled target-site images, for domain adaptation
+
+
+def _load_splits(spec: Spec, manifest: pd.DataFrame, workers: int | None) -> _Splits:
+    """Domain adaptation: labels train from the source sites only; target images come
+    unlabelled (``medtransfer.training.domain`` says which rows play which part)."""
+    domain.check_sites(spec, manifest)
+    labelled = domain.labelled_rows(spec, manifest)
+    train_xy = load_split(spec, labelled, "train", workers=workers)
+    val_xy = load_split(spec, domain.validation_rows(spec, manifest), "val", workers=workers)
+    return _Splits(train_xy, val_xy, domain.load_target_images(spec, manifest, workers=workers))
 
 
 def _run_info(
@@ -253,20 +216,21 @@ def _run_info(
     phases: list[Phase],
     manifest: pd.DataFrame,
     adaptation: dict[str, Any],
-) -> dict[str, Any]:
+) -> RunInfo:
     """What ``run.json`` says about the model and its training (the data behind it included)."""
     val_auc = state.val_auc
     best = int(np.nanargmax(val_auc))
-    return {
-        "name": spec.name,
-        "task": spec.task,
-        "classes": list(spec.classes),
-        "positive_class": spec.positive if spec.task == "binary" else None,
-        "image": spec.image.model_dump(mode="json"),
-        "backbone": spec.model.backbone,
-        "weights": "file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
-        "seed": spec.training.seed,
-        "phases": [
+    return RunInfo(
+        name=spec.name,
+        task=spec.task,
+        classes=list(spec.classes),
+        positive_class=spec.positive if spec.task == "binary" else None,
+        image=ImagePolicy.from_json(spec.image.model_dump(mode="json")),
+        modality=spec.modality,
+        backbone=spec.model.backbone,
+        weights="file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
+        seed=spec.training.seed,
+        phases=[
             {
                 "name": phase.name,
                 "epochs": phase.epochs,  # planned; early stopping can end a phase sooner
@@ -278,26 +242,25 @@ def _run_info(
                 phases, state.phase_starts, [*state.phase_starts[1:], len(val_auc)], strict=True
             )
         ],
-        "epochs_run": len(val_auc),
-        "best_epoch": best + 1,
-        "best_val_auroc": float(val_auc[best]),
-        "images": manifest["split"].value_counts().to_dict(),
-        "tabular": [feature.model_dump(mode="json") for feature in spec.tabular],
-        "tabular_summary": tabular_summary(manifest[manifest["split"] == "train"], spec.tabular),
-        "domain_adaptation": adaptation,
-        "data_fingerprint": state.data_fingerprint,
-    }
+        epochs_run=len(val_auc),
+        best_epoch=best + 1,
+        best_val_auroc=float(val_auc[best]),
+        images={str(k): int(v) for k, v in manifest["split"].value_counts().items()},
+        tabular=[feature.model_dump(mode="json") for feature in spec.tabular],
+        tabular_summary=tabular_summary(manifest[manifest["split"] == "train"], spec.tabular),
+        domain_adaptation=adaptation,
+        data_fingerprint=state.data_fingerprint,
+    )
 
 
-def _kept_model_degeneracy(run: Run, val_xy: tuple[Inputs, np.ndarray]) -> dict | None:
+def _kept_model_degeneracy(run: Run, spec: Spec, val_xy: tuple[Inputs, np.ndarray]) -> dict | None:
     """Whether the model the run keeps (``model.keras``: the best epoch, after AdaBN) gives
     the validation images (almost) the same prediction: the degenerate model
-    ``medtransfer.evaluation.degenerate`` describes, which training alone would not reveal."""
-    model = run.load_model()
-    batch = run.spec.training.batch_size
-    p_val = model.predict(make_dataset(*val_xy, batch_size=batch), verbose=0)
+    ``medtransfer.models.degenerate`` describes, which training alone would not reveal."""
+    model = load_run_model(run)
+    p_val = model.predict(make_dataset(*val_xy, batch_size=spec.training.batch_size), verbose=0)
     info = run.info
-    return degenerate_model({"val": p_val}, info["classes"], info["task"], info["positive_class"])
+    return degenerate_model({"val": p_val}, info.classes, info.task, info.positive_class)
 
 
 @contextmanager
@@ -350,30 +313,90 @@ def _fit_phases(
     out: Path,
     state: TrainingState,
     checkpoint: Checkpoint | None,
-    train_xy: tuple[Inputs, np.ndarray],
-    val_xy: tuple[Inputs, np.ndarray],
+    splits: _Splits,
     callbacks: Sequence[keras.callbacks.Callback],
     plan: ExecutionPlan,
-    target_x: np.ndarray | None = None,
 ) -> list[Phase]:
     """Build the model and run the phases still to run, one ``model.fit`` each.
 
     ``model.keras`` is always the classifier ``build_model`` makes; with feature alignment,
     ``fit`` trains a ``DomainAdaptationModel`` around it (``medtransfer.training.domain``).
     """
-    (train_x, train_y), (val_x, val_y) = train_xy, val_xy
-    batch = spec.training.batch_size
-    steps = -(-input_count(train_x) // batch)
+    fit = _prepare_fit(spec, out, state, splits)
+    phases = plan_phases(spec)
+    for index, phase in enumerate(phases):
+        if index < state.phase or (index == state.phase and state.phase_finished):
+            continue  # done before the restart
+        if index > state.phase:
+            state.phase, state.phase_epochs, state.early_stopping = index, 0, {}
+        _compile_phase(fit, phase, index, plan)
+        if checkpoint is not None:  # the first phase after a restart
+            checkpoint.restore(fit.model, optimizer=state.phase_epochs > 0)
+            checkpoint = None
+        if not fit.model.optimizer.built:  # built inside fit, the train step would be traced twice
+            fit.model.optimizer.build(fit.model.trainable_variables)
+        _fit_phase(fit, state, splits, phase, index, callbacks)
+        state.phase_finished = True
+    return phases
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What every phase's ``model.fit`` shares, made once before the first phase: the phases
+    train one model on, and the best-model checkpoint keeps its best value from phase to phase."""
+
+    spec: Spec
+    out: Path
+    model: keras.Model  # the classifier, or the DomainAdaptationModel around it
+    steps: int  # per epoch
+    early_stopping: keras.callbacks.EarlyStopping | None
+    standing: list[keras.callbacks.Callback]  # before each phase's checkpoint and the caller's
+    val_data: tf.data.Dataset
+    augment: Augmenter | None
+    class_weight: dict[int, float] | None
+
+
+def _prepare_fit(spec: Spec, out: Path, state: TrainingState, splits: _Splits) -> _Fit:
+    train_x, train_y = splits.train
+    steps = -(-input_count(train_x) // spec.training.batch_size)
     classifier = build_model(spec, numeric_statistics(train_x, spec.tabular))
     model = domain.training_model(classifier, spec)
-    early_stopping = (
-        keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=spec.training.early_stopping_patience
-        )
-        if spec.training.early_stopping_patience
-        else None
+    early_stopping = _early_stopping(spec)
+    return _Fit(
+        spec=spec,
+        out=out,
+        model=model,
+        steps=steps,
+        early_stopping=early_stopping,
+        standing=_standing_callbacks(spec, out, state, classifier, model, early_stopping, steps),
+        val_data=make_dataset(*splits.val, batch_size=spec.training.batch_size),
+        augment=make_augmenter(spec),
+        class_weight=(
+            balanced_class_weights(train_y) if spec.training.class_weight == "balanced" else None
+        ),
     )
-    standing = [
+
+
+def _early_stopping(spec: Spec) -> keras.callbacks.EarlyStopping | None:
+    """Stops on validation AUROC, the measure the best epoch is kept by (patience 0: never)."""
+    patience = spec.training.early_stopping_patience
+    if not patience:
+        return None
+    return keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=patience)
+
+
+def _standing_callbacks(
+    spec: Spec,
+    out: Path,
+    state: TrainingState,
+    classifier: keras.Model,
+    model: keras.Model,
+    early_stopping: keras.callbacks.EarlyStopping | None,
+    steps: int,
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of every phase. The best-model checkpoint starts from the best validation
+    AUROC so far, so a resumed run does not replace a better model with a worse one."""
+    return [
         domain.BestClassifierCheckpoint(
             classifier,
             out / MODEL_FILE,
@@ -387,66 +410,61 @@ def _fit_phases(
         *([early_stopping] if early_stopping else []),
         *domain.training_callbacks(model, spec, steps),
     ]
-    val_data = make_dataset(val_x, val_y, batch_size=batch)
-    augment = make_augmenter(spec)
-    phases = plan_phases(spec)
-    class_weight = (
-        balanced_class_weights(train_y) if spec.training.class_weight == "balanced" else None
+
+
+def _compile_phase(fit: _Fit, phase: Phase, index: int, plan: ExecutionPlan) -> None:
+    """Each phase compiles afresh: its own trainable layers, learning rate and schedule (the
+    warmup belongs to the first phase only)."""
+    phase.apply(fit.model, fit.spec)
+    compile_model(
+        fit.model,
+        fit.spec,
+        fit.steps,
+        learning_rate=phase.learning_rate,
+        epochs=phase.epochs,
+        warmup_epochs=min(fit.spec.training.warmup_epochs, phase.epochs - 1) if index == 0 else 0,
+        jit_compile=plan.jit_compile,
     )
-    for index, phase in enumerate(phases):
-        if index < state.phase or (index == state.phase and state.phase_finished):
-            continue  # done before the restart
-        if index > state.phase:
-            state.phase, state.phase_epochs, state.early_stopping = index, 0, {}
-        phase.apply(model, spec)
-        compile_model(
-            model,
-            spec,
-            steps,
-            learning_rate=phase.learning_rate,
-            epochs=phase.epochs,
-            warmup_epochs=min(spec.training.warmup_epochs, phase.epochs - 1) if index == 0 else 0,
-            jit_compile=plan.jit_compile,
-        )
-        if checkpoint is not None:  # the first phase after a restart
-            checkpoint.restore(model, optimizer=state.phase_epochs > 0)
-            checkpoint = None
-        if not model.optimizer.built:  # built inside fit, the train step would be traced twice
-            model.optimizer.build(model.trainable_variables)
-        first, last = state.epochs, state.epochs + phase.epochs - state.phase_epochs
-        if len(state.phase_starts) == index:  # this phase starts now (not resumed mid-way)
-            state.phase_starts.append(first)
-        saver = EpochCheckpoint(out, state, phase.epochs, early_stopping)
-        train_data, fit_class_weight = domain.training_dataset(
-            spec,
-            train_x,
-            train_y,
-            target_x,
-            epochs=range(first, last),
-            steps_per_epoch=steps,
-            augment=augment,
+
+
+def _fit_phase(
+    fit: _Fit,
+    state: TrainingState,
+    splits: _Splits,
+    phase: Phase,
+    index: int,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> None:
+    """The phase's remaining epochs in one ``model.fit``, a checkpoint after each."""
+    first, last = state.epochs, state.epochs + phase.epochs - state.phase_epochs
+    if len(state.phase_starts) == index:  # this phase starts now (not resumed mid-way)
+        state.phase_starts.append(first)
+    saver = EpochCheckpoint(fit.out, state, phase.epochs, fit.early_stopping)
+    train_x, train_y = splits.train
+    train_data, class_weight = domain.training_dataset(
+        fit.spec,
+        train_x,
+        train_y,
+        splits.target,
+        epochs=range(first, last),
+        steps_per_epoch=fit.steps,
+        augment=fit.augment,
+        class_weight=fit.class_weight,
+    )
+    try:
+        fit.model.fit(
+            train_data,
+            validation_data=fit.val_data,
+            initial_epoch=first,
+            epochs=last,
+            steps_per_epoch=fit.steps,
+            shuffle=False,  # the dataset orders itself, keyed by (seed, epoch)
+            callbacks=[*fit.standing, saver, *callbacks],
             class_weight=class_weight,
+            verbose=2,
         )
-        try:
-            model.fit(
-                train_data,
-                validation_data=val_data,
-                initial_epoch=first,
-                epochs=last,
-                steps_per_epoch=steps,
-                shuffle=False,  # the dataset orders itself, keyed by (seed, epoch)
-                callbacks=[
-                    *standing,
-                    saver,
-                    *callbacks,
-                ],
-                class_weight=fit_class_weight,
-                verbose=2,
-            )
-        finally:
-            saver.close()
-        state.phase_finished = True
-    return phases
+    finally:
+        saver.close()
 
 
 def _truncate_history(path: Path, epochs: int) -> None:
