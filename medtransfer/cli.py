@@ -9,8 +9,12 @@ output, a crash); 130 interrupted (Ctrl-C). Each is reported in one line, withou
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import sys
+import tempfile
+import textwrap
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,9 +28,64 @@ EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 
 _RESUMABLE = {"train": "--resume", "score": "--resume", "inspect": "--resume"}
 
 
-def _quiet_tensorflow() -> None:
-    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) buries the real output.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Verbs whose work imports TensorFlow; the others (inspect, compare, backbones, ...) never load it.
+_TF_VERBS = frozenset(
+    [
+        "train",
+        "augment-preview",
+        "lr-find",
+        "evaluate",
+        "ensemble",
+        "export",
+        "score",
+        "sites",
+        "quickstart",
+        "weights",  # download loads the file into the architecture to check it
+    ]
+)
+# TensorFlow's start-up lines: absl writes everything logged before its InitializeLog to stderr,
+# whatever TF_CPP_MIN_LOG_LEVEL says (the oneDNN notice, the CUDA-driver probe, twice: two
+# libraries log them), then the CPU-feature notice and, on a machine without a GPU, cuInit's
+# E-level failure when the devices are first listed.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|[IW]\d{4} [\d:. ]+\d+ \S+\.cc:\d+\]"
+    r"|To enable the following instructions:)"
+)
+_NO_GPU_NOISE = re.compile(r"^E\d{4} [\d:. ]+\d+ cuda_\w+\.cc:\d+\] failed call to cuInit")
+
+
+def _quiet_tensorflow() -> bool:
+    """Whether to hide TensorFlow's start-up chatter: not with ``MEDTRANSFER_DEBUG=1`` and not
+    when the user set ``TF_CPP_MIN_LOG_LEVEL=0`` (their own settings win)."""
+    if os.environ.get("MEDTRANSFER_DEBUG") or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return False
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    return True
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow and list its devices with stderr (file descriptor 2, where its C++
+    code writes) caught, then pass on every caught line but the start-up noise, so a real
+    error still shows. cuInit's failure counts as noise only with no ``/dev/nvidia*``."""
+    noise = [_STARTUP_NOISE] + ([] if glob.glob("/dev/nvidia*") else [_NO_GPU_NOISE])
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if not any(n.match(line) for n in noise)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
 
 
 def _spec_with_overrides(args: argparse.Namespace):
@@ -294,15 +353,177 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; each option's default appended to its help,
+    unless the help already says it or there is none worth saying (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False:
+            return text
+        if default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+# Per verb: the one-paragraph description and example commands shown by ``VERB --help``.
+_DOCS: dict[str, tuple[str, list[str]]] = {
+    "train": (
+        "Train a model from a data spec (YAML) into a new run directory: run.json, model.keras, "
+        "history.csv, the manifest and the spec as used. With pretrained weights training runs "
+        "a head phase with the backbone frozen, then fine-tunes its top blocks; with weights "
+        "none the whole network trains from the start. Flags override the spec's values; "
+        "--resume carries on a killed run from its last finished epoch.",
+        [
+            "medtransfer train --spec data_specs/breastmnist.yaml --out runs/breast",
+            "medtransfer train --spec data_specs/breastmnist.yaml --out runs/breast-s "
+            "--seeds 0,1,2",
+            "medtransfer train --spec target.yaml --out runs/target --weights run:runs/source",
+            "medtransfer train --out runs/breast --resume",
+        ],
+    ),
+    "augment-preview": (
+        "Draw training images beside augmented versions of them, as one PNG grid, to check "
+        "that the spec's augmentation (preset plus options) looks plausible before training.",
+        ["medtransfer augment-preview --spec data_specs/breastmnist.yaml --out preview.png"],
+    ),
+    "lr-find": (
+        "Learning-rate range test: train a throwaway model for --steps batches while the rate "
+        "rises from --min-lr to --max-lr, and write the loss-vs-rate curve and a suggested rate. "
+        "--phase picks the training phase to test: head (backbone frozen), fine_tune (top blocks "
+        "unfrozen; the suggestion is for the spec's learning_rate times fine_tune."
+        "learning_rate_factor) or full (the whole network, the only phase with weights none). "
+        "Nothing is written into a run directory.",
+        [
+            "medtransfer lr-find --spec data_specs/breastmnist.yaml --out lr/",
+            "medtransfer lr-find --spec data_specs/breastmnist.yaml --out lr/ --weights none "
+            "--phase full",
+        ],
+    ),
+    "evaluate": (
+        "Evaluate a run directory, a seeds folder (train --seeds) or an exported model on one "
+        "split of the data: AUROC with bootstrap intervals, operating points at the target "
+        "sensitivity and specificity, calibration, per-site results and Grad-CAM examples, "
+        "written as report.html, metrics.json and predictions.csv.",
+        [
+            "medtransfer evaluate runs/breast --out reports/breast",
+            "medtransfer evaluate models/breast/1 --spec data_specs/breastmnist.yaml "
+            "--split val --out reports/breast-val",
+        ],
+    ),
+    "compare": (
+        "Compare two evaluation reports made on the same images with a paired DeLong test of "
+        "their AUROCs; prints the difference, its interval and the p-value.",
+        ["medtransfer compare reports/resnet50 reports/efficientnetb0 --out comparison.json"],
+    ),
+    "ensemble": (
+        "Combine several runs trained on the same classes into one model, written as a run "
+        "directory that evaluate and export take like any run: mean or validation-AUROC "
+        "weighted probabilities, or a majority vote.",
+        ["medtransfer ensemble runs/a runs/b runs/c --method weighted --out runs/abc"],
+    ),
+    "export": (
+        "Export a run as a TensorFlow Serving SavedModel with its model card and thresholds "
+        "(signatures serving_default and predict_png); DIR/NAME exports the next version.",
+        [
+            "medtransfer export runs/breast --out models/breast/1",
+            "medtransfer export runs/breast --out models/breast --calibrated",
+        ],
+    ),
+    "score": (
+        "Score every image or DICOM file under a folder with an exported model or a run "
+        "directory, one row per file in a CSV (or Parquet). A file that cannot be read becomes "
+        "an error row and the exit code 1; --resume keeps rows already written.",
+        [
+            "medtransfer score incoming/ --model models/breast/1 --out scores.csv",
+            "medtransfer score incoming/ --model runs/breast --out scores.csv --resume",
+        ],
+    ),
+    "inspect": (
+        "Decode every file under a folder without a model and list, one row per file, its "
+        "DICOM tags, size and any decoding error in a CSV: a data check before training or "
+        "scoring. Exit code 1 when some files could not be read.",
+        ["medtransfer inspect incoming/ --out qa.csv"],
+    ),
+    "sites": (
+        "Compare the sites (hospitals, scanners) in the data: image counts, intensities, DICOM "
+        "tags, label prevalence and how well a classifier on backbone features tells the sites "
+        "apart, written as sites.json and PNG figures.",
+        ["medtransfer sites --spec hospitals.yaml --out sites/ --model runs/breast"],
+    ),
+    "quickstart": (
+        "Generate a synthetic DICOM dataset, then train, evaluate, export and score on it: the "
+        "whole pipeline in minutes, with no network and no data of your own.",
+        [
+            "medtransfer quickstart --out demo/",
+            "medtransfer quickstart --out demo/ --epochs 3 --patients 60",
+        ],
+    ),
+    "backbones": (
+        "List the registered backbones: Keras constructor, preprocessing, default input size "
+        "and parameter count. Any of them goes in model.backbone or --backbone.",
+        ["medtransfer backbones"],
+    ),
+    "weights": (
+        "ImageNet weights files for sites without internet access: download them where there "
+        "is a connection, copy them over and pass the file as --weights or model.weights.",
+        ["medtransfer weights download resnet50 --out weights/"],
+    ),
+    "weights download": (
+        "Fetch a backbone's ImageNet no-top weights file and verify its hash and that it loads "
+        "into the architecture before it is put in place (a file already there is kept).",
+        [
+            "medtransfer weights download resnet50 --out weights/",
+            "medtransfer weights download efficientnetb0 --mirror https://mirror.example/keras/",
+        ],
+    ),
+}
+
+_WORKFLOW = """\
+Typical workflow:
+  medtransfer quickstart --out demo/                     # the whole pipeline on demo data
+  medtransfer inspect incoming/ --out qa.csv             # can every file be read?
+  medtransfer train --spec data_specs/breastmnist.yaml --out runs/breast
+  medtransfer evaluate runs/breast --out reports/breast
+  medtransfer export runs/breast --out models/breast/1
+  medtransfer score incoming/ --model models/breast/1 --out scores.csv
+
+Run 'medtransfer COMMAND --help' for a command's options and examples.
+Exit codes: 0 done, 1 done with per-file errors, 2 bad usage or spec, 3 failed, 130 interrupted.
+MEDTRANSFER_DEBUG=1 shows tracebacks and TensorFlow's start-up log."""
+
+
+def _verb(verbs: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A verb's parser with its description and examples from ``_DOCS``."""
+    description, examples = _DOCS[name]
+    epilog = ("Examples:\n" if len(examples) > 1 else "Example:\n") + "\n".join(
+        f"  {example}" for example in examples
+    )
+    return verbs.add_parser(
+        name.split()[-1],
+        help=help,
+        description=textwrap.fill(description, width=78),
+        epilog=epilog,
+        formatter_class=_HelpFormatter,
+    )
+
+
 def _add_training_overrides(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("overrides (default: the spec's values)")
-    group.add_argument("--backbone", help="backbone name, e.g. resnet50, efficientnetb0")
-    group.add_argument("--weights", help="imagenet, none, or a local weights file")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--learning-rate", type=float)
+    group.add_argument(
+        "--backbone", help="backbone name, e.g. resnet50, efficientnetb0 (medtransfer backbones)"
+    )
+    group.add_argument(
+        "--weights",
+        help="imagenet, none (random), a local weights file (weights download), or run:DIR to "
+        "start from the backbone of another medtransfer run",
+    )
+    group.add_argument("--epochs", type=int, help="total training epochs, all phases")
+    group.add_argument("--batch-size", type=int, help="images per batch")
+    group.add_argument("--learning-rate", type=float, help="the head phase's learning rate")
     group.add_argument("--image-size", type=int, help="square model input size in pixels")
-    group.add_argument("--seed", type=int)
+    group.add_argument("--seed", type=int, help="seed for splits, weights and augmentation")
     group.add_argument(
         "--augment",
         choices=get_args(Preset),
@@ -314,10 +535,12 @@ def _add_workers(parser: argparse.ArgumentParser, default: int | None = None) ->
     """Without a default the data pipeline picks the count; the folder verbs run a pool of their
     own, where 0 decodes in this process instead."""
     if default is None:
-        parser.add_argument("--workers", type=int, help="decode processes (default: up to 4)")
+        parser.add_argument(
+            "--workers", type=int, help="decode processes (default: up to 4, by CPU count)"
+        )
     else:
         parser.add_argument(
-            "--workers", type=int, default=default, help="decode processes (0: in-process)"
+            "--workers", type=int, default=default, help="decode processes (0: in this process)"
         )
 
 
@@ -329,7 +552,7 @@ def _add_folder_run(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
-    train = verbs.add_parser("train", help="train a model from a data spec into a run directory")
+    train = _verb(verbs, "train", "train a model from a data spec into a run directory")
     train.add_argument("--spec", help="data spec YAML (with --resume: the run's own)")
     train.add_argument("--out", required=True, help="run directory to create")
     what = train.add_mutually_exclusive_group()
@@ -349,31 +572,33 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_augment_preview(verbs: argparse._SubParsersAction) -> None:
-    preview = verbs.add_parser(
-        "augment-preview", help="training images beside their augmented versions, as a PNG grid"
+    preview = _verb(
+        verbs, "augment-preview", "training images beside their augmented versions, as a PNG grid"
     )
     preview.add_argument("--spec", required=True, help="data spec YAML")
     preview.add_argument("--out", required=True, help="PNG file to write")
     preview.add_argument("--seed", type=int, help="augmentation seed (default: the spec's)")
-    preview.add_argument("--count", type=int, default=6, help="training images (default 6)")
-    preview.add_argument("--versions", type=int, default=4, help="augmented copies (default 4)")
+    preview.add_argument("--count", type=int, default=6, help="training images")
+    preview.add_argument("--versions", type=int, default=4, help="augmented copies of each")
     preview.add_argument("--augment", choices=get_args(Preset), help="preset instead of the spec's")
     preview.set_defaults(func=cmd_augment_preview)
 
 
 def _add_lr_find(verbs: argparse._SubParsersAction) -> None:
-    find = verbs.add_parser(
-        "lr-find", help="learning-rate range test: loss vs rate curve and a suggested rate"
+    find = _verb(
+        verbs, "lr-find", "learning-rate range test: loss vs rate curve and a suggested rate"
     )
     find.add_argument("--spec", required=True, help="data spec YAML")
     find.add_argument("--out", required=True, help="folder for lr_find.png/.csv/.json")
-    find.add_argument("--min-lr", type=float, default=1e-7)
-    find.add_argument("--max-lr", type=float, default=1.0)
-    find.add_argument("--steps", type=int, default=100, help="batches to run (default 100)")
+    find.add_argument("--min-lr", type=float, default=1e-7, help="rate of the first batch")
+    find.add_argument("--max-lr", type=float, default=1.0, help="rate of the last batch")
+    find.add_argument("--steps", type=int, default=100, help="batches to run")
     find.add_argument(
         "--phase",
         choices=["head", "fine_tune", "full"],
-        help="which training phase to test (default: the spec's first)",
+        help="training phase to test: head (backbone frozen), fine_tune (top blocks unfrozen) "
+        "or full (whole network; what training runs with weights none) (default: the spec's "
+        "first phase: head with pretrained weights, full with none)",
     )
     _add_workers(find)
     _add_training_overrides(find)
@@ -381,23 +606,25 @@ def _add_lr_find(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
-    evaluate = verbs.add_parser("evaluate", help="evaluate a run or exported model on a split")
+    evaluate = _verb(verbs, "evaluate", "evaluate a run or exported model on a split")
     evaluate.add_argument(
         "model", metavar="RUN_DIR", help="run directory, seeds folder or exported model"
     )
     evaluate.add_argument("--spec", help="data spec (default: the run's own spec.yaml)")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="split to evaluate on"
+    )
     evaluate.add_argument("--out", required=True, help="report directory")
     _add_workers(evaluate)
     evaluate.add_argument(
-        "--bootstrap", type=int, default=2000, help="bootstrap resamples for AUROC intervals"
+        "--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals"
     )
-    evaluate.add_argument("--ci-seed", type=int, default=0, help="bootstrap seed (default 0)")
+    evaluate.add_argument("--ci-seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument(
-        "--target-sensitivity", type=_fraction, default=0.95, help="operating point (0.95)"
+        "--target-sensitivity", type=_fraction, default=0.95, help="operating point"
     )
     evaluate.add_argument(
-        "--target-specificity", type=_fraction, default=0.95, help="operating point (0.95)"
+        "--target-specificity", type=_fraction, default=0.95, help="operating point"
     )
     evaluate.add_argument(
         "--tta", action="store_true", help="average over test-time views (a run directory only)"
@@ -406,27 +633,32 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_compare(verbs: argparse._SubParsersAction) -> None:
-    compare = verbs.add_parser(
-        "compare", help="paired DeLong test of two evaluation reports on the same images"
+    compare = _verb(
+        verbs, "compare", "paired DeLong test of two evaluation reports on the same images"
     )
-    compare.add_argument("report_a", metavar="REPORT_A")
-    compare.add_argument("report_b", metavar="REPORT_B")
+    compare.add_argument("report_a", metavar="REPORT_A", help="an evaluate report directory")
+    compare.add_argument("report_b", metavar="REPORT_B", help="another, on the same images")
     compare.add_argument("--out", help="also write the comparison as JSON")
     compare.set_defaults(func=cmd_compare)
 
 
 def _add_ensemble(verbs: argparse._SubParsersAction) -> None:
-    ensemble = verbs.add_parser("ensemble", help="combine runs into one model (a run directory)")
-    ensemble.add_argument("runs", metavar="RUN_DIR", nargs="+")
-    ensemble.add_argument("--method", choices=["mean", "weighted", "vote"], default="mean")
+    ensemble = _verb(verbs, "ensemble", "combine runs into one model (a run directory)")
+    ensemble.add_argument("runs", metavar="RUN_DIR", nargs="+", help="the member runs")
+    ensemble.add_argument(
+        "--method",
+        choices=["mean", "weighted", "vote"],
+        default="mean",
+        help="mean probability, weighted by validation AUROC above chance, or majority vote",
+    )
     ensemble.add_argument("--out", required=True, help="the ensemble's run directory")
-    ensemble.add_argument("--overwrite", action="store_true")
+    ensemble.add_argument("--overwrite", action="store_true", help="replace an existing one")
     ensemble.set_defaults(func=cmd_ensemble)
 
 
 def _add_export(verbs: argparse._SubParsersAction) -> None:
-    export = verbs.add_parser("export", help="export a run as a TF Serving SavedModel")
-    export.add_argument("run", metavar="RUN_DIR")
+    export = _verb(verbs, "export", "export a run as a TF Serving SavedModel")
+    export.add_argument("run", metavar="RUN_DIR", help="run directory (or ensemble) to export")
     export.add_argument(
         "--out",
         required=True,
@@ -445,14 +677,14 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_score(verbs: argparse._SubParsersAction) -> None:
-    score = verbs.add_parser("score", help="score every file under a folder into a CSV")
-    score.add_argument("input_dir", metavar="INPUT_DIR")
+    score = _verb(verbs, "score", "score every file under a folder into a CSV")
+    score.add_argument("input_dir", metavar="INPUT_DIR", help="folder scored recursively")
     score.add_argument("--model", required=True, help="exported model or run directory")
     score.add_argument(
         "--out", required=True, help="scores.csv to write (a .parquet name writes Parquet)"
     )
     _add_workers(score, default=2)
-    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--batch-size", type=int, default=16, help="images per model call")
     score.add_argument(
         "--pool-only",
         action="store_true",
@@ -464,10 +696,10 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_inspect(verbs: argparse._SubParsersAction) -> None:
-    inspect = verbs.add_parser(
-        "inspect", help="decode every file under a folder and list tags and errors in a CSV"
+    inspect = _verb(
+        verbs, "inspect", "decode every file under a folder and list tags and errors in a CSV"
     )
-    inspect.add_argument("input_dir", metavar="DIR")
+    inspect.add_argument("input_dir", metavar="DIR", help="folder inspected recursively")
     inspect.add_argument("--out", required=True, help="qa.csv to write")
     _add_workers(inspect, default=2)
     _add_folder_run(inspect)
@@ -475,9 +707,10 @@ def _add_inspect(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_sites(verbs: argparse._SubParsersAction) -> None:
-    sites = verbs.add_parser(
+    sites = _verb(
+        verbs,
         "sites",
-        help="compare the data's sites: counts, intensities, DICOM tags, label prevalence, "
+        "compare the data's sites: counts, intensities, DICOM tags, label prevalence, "
         "how separable they are",
     )
     sites.add_argument("--spec", required=True, help="data spec YAML (with data.site_column)")
@@ -492,34 +725,37 @@ def _add_sites(verbs: argparse._SubParsersAction) -> None:
     sites.add_argument(
         "--max-per-site", type=int, default=1000, help="images per site for pixels/features"
     )
-    sites.add_argument("--seed", type=int, default=0, help="sample and CV folds seed (0)")
+    sites.add_argument("--seed", type=int, default=0, help="sample and CV folds seed")
     sites.set_defaults(func=cmd_sites)
 
 
 def _add_quickstart(verbs: argparse._SubParsersAction) -> None:
-    quick = verbs.add_parser(
-        "quickstart", help="generate a DICOM demo dataset and run the whole pipeline on it"
+    quick = _verb(
+        verbs, "quickstart", "generate a DICOM demo dataset and run the whole pipeline on it"
     )
     quick.add_argument("--out", required=True, help="directory for data, run, report, export")
-    quick.add_argument("--epochs", type=int, default=None, help="training epochs")
-    quick.add_argument("--patients", type=int, default=None, help="synthetic patients")
+    # The None defaults leave the choice to quickstart.DEFAULTS (the values the help shows).
+    quick.add_argument("--epochs", type=int, default=None, help="training epochs (default: 15)")
+    quick.add_argument(
+        "--patients", type=int, default=None, help="synthetic patients (default: 160)"
+    )
     quick.add_argument("--backbone", default=None, help="backbone (default: resnet50)")
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--seed", type=int, default=0, help="seed for the data and the training")
     quick.set_defaults(func=cmd_quickstart)
 
 
 def _add_backbones(verbs: argparse._SubParsersAction) -> None:
-    backbones = verbs.add_parser(
-        "backbones", help="list the registered backbones: preprocessing, input size, parameters"
+    backbones = _verb(
+        verbs, "backbones", "list the registered backbones: preprocessing, input size, parameters"
     )
     backbones.set_defaults(func=cmd_backbones)
 
 
 def _add_weights(verbs: argparse._SubParsersAction) -> None:
-    weights = verbs.add_parser("weights", help="ImageNet weights files for air-gapped sites")
+    weights = _verb(verbs, "weights", "ImageNet weights files for air-gapped sites")
     weights_verbs = weights.add_subparsers(dest="weights_command", required=True, metavar="VERB")
-    download = weights_verbs.add_parser(
-        "download", help="fetch and verify a backbone's ImageNet no-top weights file"
+    download = _verb(
+        weights_verbs, "weights download", "fetch and verify a backbone's ImageNet no-top weights"
     )
     download.add_argument("name", metavar="BACKBONE", help="a registered backbone, e.g. resnet50")
     download.add_argument("--out", default=".", help="folder to write the .h5 file into")
@@ -535,7 +771,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="medtransfer",
-        description="Transfer learning for medical imaging: train, evaluate, export, score.",
+        description=textwrap.fill(
+            "Transfer learning for medical imaging: fine-tune a pretrained backbone on your "
+            "images (a data spec in YAML), evaluate it with clinical metrics, export it for "
+            "TF Serving and score folders of DICOM or image files.",
+            width=78,
+        ),
+        epilog=_WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"medtransfer {__version__}")
     verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -559,9 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_tensorflow()
+    quiet = _quiet_tensorflow()
     args = build_parser().parse_args(argv)
     try:
+        if quiet and args.command in _TF_VERBS:
+            _import_tensorflow_quietly()
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning(args, warnings.showwarning)
             return args.func(args)

@@ -8,8 +8,10 @@ directory, so a spec means the same thing wherever the CLI is started.
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -123,7 +125,10 @@ class ImageSpec(_Strict):
         items = value if isinstance(value, list) else [value]
         for item in items:
             if isinstance(item, str) and item not in names:
-                raise ValueError(f"unknown window {item!r}; choose one of {', '.join(names)}")
+                raise ValueError(
+                    f"unknown window {item!r}{_did_you_mean(item, names)}; "
+                    f"choose one of {', '.join(names)}"
+                )
         if isinstance(value, list) and len(value) != 3:
             raise ValueError(f"stacked windows fill 3 channels; got {len(value)}")
         return value
@@ -158,7 +163,10 @@ class ModelSpec(_Strict):
 
         name = value.lower()
         if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONES)}")
+            raise ValueError(
+                f"unknown backbone {value!r}{_did_you_mean(name, BACKBONES)}; "
+                f"choose one of {', '.join(BACKBONES)}"
+            )
         return name
 
 
@@ -235,7 +243,8 @@ class AugmentationSpec(_Strict):
 
         unknown = sorted(set(value) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"unknown options {unknown}; choose from {', '.join(OPTIONS)}")
+            hints = "".join(_did_you_mean(name, OPTIONS, name) for name in unknown)
+            raise ValueError(f"unknown options {unknown}{hints}; choose from {', '.join(OPTIONS)}")
         return value
 
 
@@ -443,11 +452,46 @@ def _format_errors(error: ValidationError, source: Path | None) -> str:
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling)"
+            names = _field_names(item["loc"][:-1])
+            hint = _did_you_mean(str(item["loc"][-1]), names)
+            message = f"unknown field{hint or ' (check the spelling)'}"
+        elif item["type"] == "literal_error" and isinstance(item["input"], str):
+            allowed = re.findall(r"'([^']*)'", item["ctx"]["expected"])
+            message += _did_you_mean(item["input"], allowed)
         elif item["type"] == "missing":
             message = "required field is missing"
         lines.append(f"  {field}: {message}")
     return "\n".join(lines)
+
+
+def _did_you_mean(word: str, choices, label: str = "") -> str:
+    """``" (did you mean 'xray'?)"`` for the closest of ``choices``, or "" when none is close;
+    ``label`` names the misspelt word (when a message lists several)."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" ({label + ': ' if label else ''}did you mean {close[0]!r}?)"
+
+
+def _field_names(loc: tuple) -> list[str]:
+    """The field names allowed where ``loc`` points: walk the schema from ``Spec`` through
+    nested models, stepping over list indices and dict keys (``tabular.0``, ``options.flip``)."""
+    model: type[BaseModel] = Spec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:
+            model = _inner_model(field.annotation) or model
+    return [name for name in model.model_fields if name != "source_file"]
+
+
+def _inner_model(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _validate(raw: dict[str, Any], source: Path | None) -> Spec:

@@ -144,3 +144,52 @@ def test_ct_window_presets_and_stacking_in_a_spec():
         spec_from_dict(base(image={"window": ["lung", "mediastinum", "bone"], "channels": 1}))
     with pytest.raises(SpecError, match="fill 3 channels"):
         spec_from_dict(base(image={"window": ["lung", "bone"], "channels": 3}))
+
+
+@pytest.mark.parametrize(
+    "changes, field, hint",
+    [
+        ({"training": {"batchsize": 8}}, "training.batchsize", "did you mean 'batch_size'?"),
+        ({"training": {"fine_tune": {"head_epoch": 2}}}, "head_epochs", "'head_epochs'?"),
+        ({"modalty": "xray"}, "modalty: unknown field", "did you mean 'modality'?"),
+        ({"tabular": [{"name": "age", "type": "numeric", "colum": "x"}]}, "colum", "'column'?"),
+        (
+            {"augmentation": {"options": {"flip": {"probabilty": 0.5}}}},
+            "augmentation.options.flip.probabilty",
+            "did you mean 'probability'?",
+        ),
+    ],
+)
+def test_a_misspelt_field_gets_the_closest_name(tmp_path, changes, field, hint):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, base(**changes)))
+    line = next(line for line in str(caught.value).splitlines() if field in line)
+    assert "unknown field" in line and hint in line
+
+
+def test_a_field_with_no_close_name_keeps_the_spelling_hint(tmp_path):
+    with pytest.raises(SpecError, match=r"zzzz: unknown field \(check the spelling\)"):
+        load_spec(write(tmp_path, base(zzzz=1)))
+
+
+@pytest.mark.parametrize(
+    "changes, hint",
+    [
+        ({"modality": "xrya"}, "did you mean 'xray'?"),
+        ({"task": "binery"}, "did you mean 'binary'?"),
+        ({"model": {"backbone": "resnet5"}}, "did you mean 'resnet50'?"),
+        ({"image": {"window": "lunk"}}, "did you mean 'lung'?"),
+        ({"augmentation": {"options": {"rotaton": {}}}}, "rotaton: did you mean 'rotation'?"),
+        ({"training": {"class_weight": "balance"}}, "did you mean 'balanced'?"),
+    ],
+)
+def test_a_misspelt_value_gets_the_closest_choice(tmp_path, changes, hint):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, base(**changes)))
+    assert hint in str(caught.value)
+
+
+def test_a_value_far_from_every_choice_gets_no_guess(tmp_path):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, base(modality="qqqqqq")))
+    assert "did you mean" not in str(caught.value) and "modality" in str(caught.value)
