@@ -21,6 +21,8 @@ _LAZY = {
     "read_dicom": "medtransfer.io",
     "load_image": "medtransfer.io",
     "build_manifest": "medtransfer.data.manifest",
+    "data_summary": "medtransfer.data.summary",
+    "format_data_summary": "medtransfer.data.summary",
     "load_images": "medtransfer.data.pipeline",
     "make_dataset": "medtransfer.data.pipeline",
     "make_training_dataset": "medtransfer.data.pipeline",

@@ -121,6 +121,7 @@ def test_train_runs_the_phases_and_records_them(pretrained_setup):
     assert boundaries == [1.5]  # between epoch 1 (head) and epoch 2 (fine_tune)
     lines = (run.path / "history.csv").read_text().strip().splitlines()
     assert len(lines) == 3  # header + one row per epoch, across both phases
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2"]  # as run.json counts them
 
 
 def test_medical_source_pretraining_starts_from_another_runs_backbone(tiny_run, tmp_path):

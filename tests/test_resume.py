@@ -15,7 +15,7 @@ from medtransfer.models.backbones import build_backbone
 from medtransfer.rundir import HISTORY_FILE, RUN_FILE, SPEC_FILE
 from medtransfer.spec import dump_spec, spec_from_dict
 from medtransfer.training.checkpoint import TrainingState, load_checkpoint, write_checkpoint
-from medtransfer.training.run import train
+from medtransfer.training.run import _truncate_history, train
 
 from .conftest import make_png_folders
 
@@ -82,7 +82,8 @@ def assert_same_run(resumed, reference):
     assert resumed.info.best_epoch == reference.info.best_epoch
     assert resumed.info.resumed and not reference.info.resumed
     history = pd.read_csv(resumed.path / HISTORY_FILE)
-    assert history["epoch"].tolist() == list(range(reference.info.epochs_run))
+    # 1-based, as the console counts them
+    assert history["epoch"].tolist() == list(range(1, reference.info.epochs_run + 1))
     np.testing.assert_allclose(
         history["val_auc"], pd.read_csv(reference.path / HISTORY_FILE)["val_auc"], rtol=0, atol=0
     )
@@ -153,4 +154,18 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(make_spec, tmp_pa
     (started / HISTORY_FILE).write_text("epoch,half a row")
     run = train(None, started, resume=True, workers=0)
     assert run.info.epochs_run == 1
-    assert pd.read_csv(started / HISTORY_FILE)["epoch"].tolist() == [0]
+    assert pd.read_csv(started / HISTORY_FILE)["epoch"].tolist() == [1]
+
+
+def test_history_is_cut_to_the_checkpointed_epochs(tmp_path):
+    history = tmp_path / HISTORY_FILE
+    history.write_text("epoch,auc,loss\n1,0.5,0.7\n2,0.6,0.6\n3,0.7,0.5\n")
+    _truncate_history(history, 2)
+    assert history.read_text() == "epoch,auc,loss\n1,0.5,0.7\n2,0.6,0.6\n"
+
+
+def test_a_run_started_with_0_based_history_is_renumbered_on_resume(tmp_path):
+    history = tmp_path / HISTORY_FILE
+    history.write_text("epoch,auc,loss\n0,0.5,0.7\n1,0.6,0.6\n2,0.7,0.5\n")
+    _truncate_history(history, 2)
+    assert history.read_text() == "epoch,auc,loss\n1,0.5,0.7\n2,0.6,0.6\n"

@@ -182,19 +182,38 @@ class ShardCache:
             found.append(Shard(group, shape, stem.with_suffix(".npy"), stem.with_suffix(".json")))
         return found
 
-    def load(self, paths: Sequence[str], settings: CacheSettings, decode: Decoder) -> np.ndarray:
-        """All images as one float32 [N, H, W, C] array (the in-memory path training uses)."""
+    def load(
+        self,
+        paths: Sequence[str],
+        settings: CacheSettings,
+        decode: Decoder,
+        *,
+        on_decode: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """All images as one float32 [N, H, W, C] array (the in-memory path training uses).
+
+        ``on_decode``, if given, is called once, before the first decode, with the number of
+        images about to be decoded (those of shards not built yet; a progress bar's total).
+        """
         out = np.empty((len(paths), *settings.image_shape), np.float32)
         start = 0
-        for pixels in self._each_shard(self.shards(paths, settings), decode):
+        for pixels in self._each_shard(self.shards(paths, settings), decode, on_decode):
             out[start : start + len(pixels)] = pixels
             start += len(pixels)
         return out
 
-    def ensure(self, paths: Sequence[str], settings: CacheSettings, decode: Decoder) -> list[Path]:
-        """Build whatever is missing, one shard in memory at a time; return the shard files."""
+    def ensure(
+        self,
+        paths: Sequence[str],
+        settings: CacheSettings,
+        decode: Decoder,
+        *,
+        on_decode: Callable[[int], None] | None = None,
+    ) -> list[Path]:
+        """Build whatever is missing, one shard in memory at a time; return the shard files
+        (``on_decode`` as in ``load``)."""
         shards = self.shards(paths, settings)
-        for _ in self._each_shard(shards, decode):
+        for _ in self._each_shard(shards, decode, on_decode):
             pass
         return [shard.pixels_file for shard in shards]
 
@@ -204,9 +223,14 @@ class ShardCache:
         """Images, in order, streamed from the shard files (for data larger than memory)."""
         return read_shards(self.ensure(paths, settings, decode), settings.image_shape)
 
-    def _each_shard(self, shards: list[Shard], decode: Decoder) -> Iterator[np.ndarray]:
+    def _each_shard(
+        self, shards: list[Shard], decode: Decoder, on_decode: Callable[[int], None] | None = None
+    ) -> Iterator[np.ndarray]:
         """Yield each shard's pixels, decoding the missing ones. Unreadable files do not stop
         the build: the other shards are completed and kept, then every bad file is reported."""
+        pending = sum(shard.shape[0] for shard in shards if not shard.index_file.is_file())
+        if pending and on_decode is not None:  # a damaged shard found later adds to this
+            on_decode(pending)
         errors: list[str] = []
         for shard in shards:
             pixels = self._read(shard)

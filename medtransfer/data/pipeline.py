@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from itertools import islice
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from tqdm import tqdm
 
 from medtransfer.data.augment import Augmenter, batch_seed
 from medtransfer.data.cache import CacheSettings, ShardCache, UnreadableImages, decode_file
@@ -50,22 +52,52 @@ class _ShardDecoder:
     """Files -> resized float32 [n, H, W, C], as the cache's ``Decoder``.
 
     The spawn pool starts on first use and then serves every shard of the load, so a fully
-    cached load starts no process at all and a build pays the pool's start-up once.
+    cached load starts no process at all and a build pays the pool's start-up once. With
+    ``progress``, ``expect(n)`` opens a progress bar on stderr (images and images/s) that each
+    decoded chunk advances; a load with nothing to decode shows none.
     """
 
     def __init__(
-        self, size: Sequence[int], channels: int, window: str | dict, frames: str, workers: int
+        self,
+        size: Sequence[int],
+        channels: int,
+        window: str | dict,
+        frames: str,
+        workers: int,
+        *,
+        progress: bool = False,
+        label: str = "decoding images",
     ) -> None:
         self._size, self._channels = tuple(size), channels
         self._window, self._frames, self._workers = window, frames, workers
         self._pool: ProcessPoolExecutor | None = None
+        self._progress, self._label = progress, label
+        self._bar: tqdm | None = None
 
     def __enter__(self) -> _ShardDecoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
+
+    def settings(self) -> CacheSettings:
+        """The cache settings of the pixels this decoder makes."""
+        size = (int(self._size[0]), int(self._size[1]))
+        return CacheSettings(size, self._channels, self._window, self._frames)
+
+    def expect(self, n_images: int) -> None:
+        """Images about to be decoded: the progress bar's total (opens it, if wanted)."""
+        if self._progress and self._bar is None:
+            self._bar = tqdm(
+                total=n_images,
+                desc=self._label,
+                unit=" images",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def __call__(self, paths: list[str]) -> np.ndarray:
         results = _decode_files(paths, self._window, self._frames, self._pool_for(len(paths)))
@@ -80,6 +112,8 @@ class _ShardDecoder:
             ]
             if not errors:
                 out[start : start + len(chunk)] = to_model_input(chunk, self._size, self._channels)
+            if self._bar is not None:
+                self._bar.update(len(chunk))
         if errors:
             raise UnreadableImages(errors)
         return out
@@ -117,6 +151,8 @@ def load_images(
     workers: int | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    progress: bool | None = None,
+    label: str = "decoding images",
 ) -> np.ndarray:
     """Decode every row of a manifest into one [N, H, W, C] float32 array in [0, 1].
 
@@ -125,13 +161,24 @@ def load_images(
     second run or an evaluation after training reads shards instead of decoding again; cached
     pixels are within 7.7e-6 of a fresh decode. ``use_cache=False`` decodes everything in memory
     and writes nothing. npz rows are read from their archive (already decoded, never cached).
+
+    ``progress`` shows a bar on stderr while files are decoded (cached images are not counted);
+    the default, None, shows it only when stderr is a terminal, so logs stay clean.
     """
     paths = df["path"].tolist()
     npz = {i: p for i, p in enumerate(paths) if NPZ_SEPARATOR in p}
     files = [i for i in range(len(paths)) if i not in npz]
-    file_images = _load_file_rows(
-        [paths[i] for i in files], size, channels, window, frames, workers, cache_dir, use_cache
+    decoder = _ShardDecoder(
+        size,
+        channels,
+        window,
+        frames,
+        min(4, os.cpu_count() or 1) if workers is None else workers,
+        progress=_stderr_is_a_terminal() if progress is None else progress,
+        label=label,
     )
+    with decoder:
+        file_images = _load_file_rows([paths[i] for i in files], decoder, cache_dir, use_cache)
     if not npz:
         return file_images
     out = np.empty((len(paths), *size, channels), np.float32)
@@ -152,12 +199,15 @@ def load_split(
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise DataError(f"{spec.origin}: no images in the {split} split")
-    images = load_spec_images(spec, rows, workers=workers)
+    images = load_spec_images(spec, rows, workers=workers, label=f"decoding {split} images")
     return with_tabular(images, rows, spec.tabular), targets(rows, spec.classes)
 
 
-def load_spec_images(spec: Spec, rows: pd.DataFrame, *, workers: int | None = None) -> np.ndarray:
-    """The images of manifest ``rows`` at the spec's size, channels, window and frame policy."""
+def load_spec_images(
+    spec: Spec, rows: pd.DataFrame, *, workers: int | None = None, label: str = "decoding images"
+) -> np.ndarray:
+    """The images of manifest ``rows`` at the spec's size, channels, window and frame policy
+    (``label``: the decode progress bar's, when there is one)."""
     return load_images(
         rows,
         spec.image.size,
@@ -165,6 +215,7 @@ def load_spec_images(spec: Spec, rows: pd.DataFrame, *, workers: int | None = No
         window=spec.image.window_policy,
         frames=spec.image.frames,
         workers=workers,
+        label=label,
     )
 
 
@@ -180,21 +231,20 @@ def with_tabular(
 
 
 def _load_file_rows(
-    paths: list[str],
-    size: Sequence[int],
-    channels: int,
-    window: str | dict,
-    frames: str,
-    workers: int | None,
-    cache_dir: str | Path | None,
-    use_cache: bool,
+    paths: list[str], decode: _ShardDecoder, cache_dir: str | Path | None, use_cache: bool
 ) -> np.ndarray:
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    with _ShardDecoder(size, channels, window, frames, workers) as decode:
-        if not use_cache:
-            return decode(paths)
-        settings = CacheSettings((int(size[0]), int(size[1])), channels, window, frames)
-        return ShardCache(cache_dir).load(paths, settings, decode)
+    if not use_cache:
+        if paths:
+            decode.expect(len(paths))
+        return decode(paths)
+    return ShardCache(cache_dir).load(paths, decode.settings(), decode, on_decode=decode.expect)
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 def make_dataset(inputs: Inputs, targets: np.ndarray, *, batch_size: int) -> tf.data.Dataset:

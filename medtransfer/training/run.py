@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from medtransfer import atomic, rundir
 from medtransfer.data.augment import Augmenter, make_augmenter
 from medtransfer.data.manifest import build_manifest, fingerprint
 from medtransfer.data.pipeline import load_split, make_dataset
+from medtransfer.data.summary import data_summary, format_data_summary
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.data.tabular import summary as tabular_summary
 from medtransfer.errors import RunError
@@ -113,6 +115,9 @@ def _train(
     keras.utils.set_random_seed(spec.training.seed)
     manifest = build_manifest(spec)
     state = _training_state(out, manifest, checkpoint)
+    if plan.is_chief:
+        summary = data_summary(manifest, spec.classes)
+        print(format_data_summary(summary, spec.classes, spec.task), flush=True)
     splits = _load_splits(spec, manifest, workers)
     if checkpoint is None:
         atomic.write_text(out / SPEC_FILE, dump_spec(spec))
@@ -235,7 +240,7 @@ def _run_info(
                 "name": phase.name,
                 "epochs": phase.epochs,  # planned; early stopping can end a phase sooner
                 "learning_rate": phase.learning_rate,
-                "first_epoch": start + 1,  # 1-based, as in history.csv's epoch + 1
+                "first_epoch": start + 1,  # 1-based, as in history.csv and on the console
                 "epochs_run": end - start,
             }
             for phase, start, end in zip(
@@ -405,7 +410,7 @@ def _standing_callbacks(
             save_best_only=True,
             initial_value_threshold=max(state.val_auc, default=None),
         ),
-        keras.callbacks.CSVLogger(out / HISTORY_FILE, append=True),  # one file across phases
+        HistoryLogger(out / HISTORY_FILE, append=True),  # one file across phases
         keras.callbacks.TensorBoard(out / LOGS_DIR),
         *([early_stopping] if early_stopping else []),
         *domain.training_callbacks(model, spec, steps),
@@ -461,17 +466,46 @@ def _fit_phase(
             shuffle=False,  # the dataset orders itself, keyed by (seed, epoch)
             callbacks=[*fit.standing, saver, *callbacks],
             class_weight=class_weight,
-            verbose=2,
+            verbose=fit_verbosity(),
         )
     finally:
         saver.close()
 
 
+def fit_verbosity(stream: Any = None) -> int:
+    """Keras ``verbose`` for ``fit``: 1 (a progress bar within each epoch) when ``stream``
+    (default ``sys.stdout``) is a terminal, 2 (one line per epoch) in logs, CI and notebooks."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        return 1 if stream.isatty() else 2
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return 2
+
+
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """``history.csv`` with epochs counted from 1, as the console and ``run.json`` count them
+    (Keras's CSVLogger writes its 0-based epoch index)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)
+
+
 def _truncate_history(path: Path, epochs: int) -> None:
-    """Drop history rows of an epoch that ran after the last checkpoint (it will run again)."""
+    """Drop history rows of an epoch that ran after the last checkpoint (it will run again).
+
+    A run started by a version that counted history.csv's epochs from 0 is renumbered from 1,
+    so the rows the resumed run appends continue its numbering.
+    """
     if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        atomic.write_text(path, "".join(lines[: 1 + epochs]))
+        lines = path.read_text().splitlines(keepends=True)[: 1 + epochs]
+        if len(lines) > 1 and lines[0].startswith("epoch,") and lines[1].startswith("0,"):
+            lines[1:] = [_renumbered(line) for line in lines[1:]]
+        atomic.write_text(path, "".join(lines))
+
+
+def _renumbered(line: str) -> str:
+    epoch, sep, rest = line.partition(",")
+    return f"{int(epoch) + 1}{sep}{rest}" if epoch.isdigit() else line
 
 
 def manifest_for_run(manifest: pd.DataFrame) -> pd.DataFrame:
