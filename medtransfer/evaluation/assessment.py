@@ -12,14 +12,23 @@ held out, even if the data folder has since grown.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from medtransfer.data.manifest import NPZ_SEPARATOR, build_manifest, read_tags, targets
+from medtransfer import __version__
+from medtransfer.data.manifest import (
+    NPZ_SEPARATOR,
+    build_manifest,
+    fingerprint,
+    read_tags,
+    targets,
+)
 from medtransfer.data.pipeline import load_images, with_tabular
 from medtransfer.data.tabular import column_name
 from medtransfer.errors import SpecError
@@ -42,6 +51,8 @@ from medtransfer.models.degenerate import degenerate_model, warn_degenerate
 from medtransfer.predictor import ModelInfo, Predictor, load_predictor
 from medtransfer.rundir import is_run, open_run
 from medtransfer.spec import Spec, reported_classes
+
+EXPORT_MODEL_CARD = "model_card.json"  # what export writes beside the SavedModel
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,8 @@ def compute_assessment(
     y = targets(rows, spec.classes)
     val = _validate(predictor, spec, source, split, rows, probabilities, settings, workers)
     metrics = _metrics(source, split, rows, y, probabilities, val, info, settings, tta)
+    metrics["provenance"] = provenance(source, info, split, rows)
+    metrics["threshold_selection"] = _selection(val, info)
     threshold_record = {
         "chosen_on": "val",
         "rule": "probability >= threshold",
@@ -290,8 +303,20 @@ def _figures(
     info = predictor.info
     classes, task, positive = info.class_names, info.task, info.positive_class
     roc_title = f"{info.name}: ROC on {metrics['split']} (n={len(y)})"
-    roc = roc_figure(y, probabilities, classes, task=task, positive_class=positive, title=roc_title)
-    figures = {"roc": ReportFigure("ROC", roc)}
+    marked = {
+        name: {
+            m["label"]: (1 - m["specificity"], m["sensitivity"])
+            for m in points.values()
+            if m["sensitivity"] is not None and m["specificity"] is not None
+        }
+        for name, points in metrics["operating_points"].items()
+    }
+    roc = roc_figure(
+        y, probabilities, classes, task=task, positive_class=positive, title=roc_title,
+        points=marked,
+    )  # fmt: skip
+    caption = "ROC, with the operating points (thresholds from val) marked" if marked else "ROC"
+    figures = {"roc": ReportFigure(caption, roc)}
     if "uncalibrated" in metrics["calibration"]:
         figure = reliability_figure(metrics["calibration"], title=title)
         figures["reliability"] = ReportFigure("Reliability", figure)
@@ -306,3 +331,60 @@ def _figures(
             figure, caption = cams
             figures["gradcam"] = ReportFigure(caption, figure)
     return figures
+
+
+def provenance(source: Path, info: ModelInfo, split: str, rows: pd.DataFrame) -> dict:
+    """What the report says about where its figures come from: the model (a run folder's name,
+    or an export's model and version folder names, never a full path, which may hold a
+    person's name), its training record, when and with which medtransfer it was evaluated, and
+    the evaluated images' fingerprint (``data.manifest.fingerprint`` of the split's rows)."""
+    folder = source.resolve()
+    if is_run(source):
+        run_info = open_run(source).info
+        model = {"kind": "run directory", "folder": folder.name}
+        training = {
+            "backbone": run_info.backbone,
+            "weights": run_info.weights,
+            "seed": run_info.seed,
+            "best_epoch": run_info.best_epoch,
+            "best_val_auroc": run_info.best_val_auroc,
+            "data_fingerprint": run_info.data_fingerprint,
+        }
+    else:
+        model = {"kind": "export", "folder": f"{folder.parent.name}/{folder.name}"}
+        training = _export_training(source)
+    return {
+        "model": {**model, "name": info.name, **training},
+        "evaluated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "medtransfer_version": __version__,
+        "split": split,
+        "n_images": len(rows),
+        "data_fingerprint": fingerprint(rows),
+    }
+
+
+def _export_training(source: Path) -> dict:
+    """The training record an export's model card keeps (empty when there is no card)."""
+    card = source / EXPORT_MODEL_CARD
+    try:
+        training = json.loads(card.read_text()).get("training") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    keys = ("backbone", "weights", "seed", "best_epoch", "best_val_auroc", "data_fingerprint")
+    return {key: training.get(key) for key in keys}
+
+
+def _selection(val: _Validation, info: ModelInfo) -> dict:
+    """The validation split the thresholds and temperature were chosen on: its size and, per
+    reported class, its positives, negatives and prevalence."""
+    classes = {}
+    for name in reported_classes(info.class_names, info.task, info.positive_class):
+        y = val.y[:, info.class_names.index(name)]
+        y = y[~np.isnan(y)]
+        n_pos = int(y.sum())
+        classes[name] = {
+            "n_positive": n_pos,
+            "n_negative": len(y) - n_pos,
+            "prevalence": n_pos / len(y) if len(y) else None,
+        }
+    return {"split": "val", "n_images": len(val.rows), "classes": classes}

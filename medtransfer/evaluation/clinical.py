@@ -58,6 +58,23 @@ class ClinicalSettings:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def label(self, point: str) -> str:
+        """An operating point's name in plain language ("target sensitivity 95%") for the
+        report; a key this version does not know is shown as it is."""
+        rule, value = self.rules().get(point, (point, None))
+        if rule in ("sensitivity", "specificity"):
+            return f"target {rule} {100 * value:g}%"
+        if rule == "fixed":
+            return f"fixed threshold {value:g}"
+        if rule == "youden":
+            return "Youden (balanced sensitivity and specificity)"
+        return point
+
+    def target(self, point: str) -> tuple[str, float] | None:
+        """(rate, target) for an operating point chosen to reach a target rate, else None."""
+        rule, value = self.rules().get(point, (point, None))
+        return (rule, value) if rule in ("sensitivity", "specificity") else None
+
 
 def _known(y: np.ndarray, p: np.ndarray, clusters: np.ndarray | None):
     keep = ~np.isnan(y)
@@ -168,7 +185,9 @@ def operating_points(
     settings: ClinicalSettings,
 ) -> dict[str, dict[str, dict]]:
     """Sensitivity, specificity, PPV, NPV, F1 (with Wilson intervals) at each given threshold;
-    a threshold that is +inf gets a ``threshold_note`` saying why."""
+    a threshold that is +inf gets a ``threshold_note`` saying why. Each point has its plain
+    ``label``; one chosen for a target rate on validation records under ``target`` whether
+    this split reached it (``met``): a threshold tuned on validation may miss it here."""
     out: dict[str, dict[str, dict]] = {}
     for name, points in thresholds.items():
         k = classes.index(name)
@@ -178,6 +197,11 @@ def operating_points(
             entry = confusion_metrics(y, p, threshold, settings.level)
             if note := threshold_note(point, threshold):
                 entry["threshold_note"] = note
+            entry["label"] = settings.label(point)
+            if target := settings.target(point):
+                rate, value = target
+                met = entry[rate] is not None and entry[rate] >= value
+                entry["target"] = {"rate": rate, "value": value, "met": met}
             out[name][point] = entry
     return out
 
@@ -252,12 +276,16 @@ def subgroups(
     class_index: int,
     settings: ClinicalSettings,
     min_per_class: int = 10,
+    min_images: int = 50,
 ) -> dict[str, dict[str, dict]]:
     """AUROC with a DeLong interval for each value of each subgroup column, for one class.
 
     A subgroup with fewer than ``min_per_class`` positives or negatives is flagged ``small``:
     its interval is wide and its point estimate should not be read as a finding (the interval
-    is still given when it can be computed). Columns with a single value are left out.
+    is still given when it can be computed). ``interval_unreliable`` also marks groups of
+    fewer than ``min_images`` images: a perfect split of a handful of images gives an AUROC of
+    1 with a zero-width DeLong interval, which is not certainty. Columns with a single value
+    are left out.
     """
     out: dict[str, dict[str, dict]] = {}
     for column, values in columns.items():
@@ -282,5 +310,8 @@ def subgroups(
                 "auroc": None if ci is None else ci.auc,
                 "auroc_ci_delong": None if ci is None else [ci.low, ci.high],
                 "small": min(n_pos, n_neg) < min_per_class,
+                "interval_unreliable": bool(
+                    min(n_pos, n_neg) < min_per_class or member.sum() < min_images
+                ),
             }
     return out

@@ -22,18 +22,31 @@ def roc_figure(
     task: str,
     positive_class: str | None = None,
     title: str = "ROC",
+    points: dict[str, dict[str, tuple[float, float]]] | None = None,
 ) -> Figure:
-    """One ROC curve per class (only the positive class's for a binary task), AUROC in legend."""
+    """One ROC curve per class (only the positive class's for a binary task), AUROC in legend.
+
+    ``points`` marks operating points on a class's curve: class -> label -> (1 - specificity,
+    sensitivity), e.g. the thresholds chosen on validation as they fare on this split."""
     fig = Figure(figsize=(5, 5), dpi=110)
     ax = fig.subplots()
     shown = [positive_class or classes[-1]] if task == "binary" else classes
+    markers = "oDs^vP*X"
     for name in shown:
         k = classes.index(name)
-        y, p = y_true[:, k], probabilities[:, k]
+        known = ~np.isnan(y_true[:, k])
+        y, p = y_true[known, k], probabilities[known, k]
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUROC {roc_auc_score(y, p):.3f}, n={len(y)})")
+        (line,) = ax.plot(
+            fpr, tpr, lw=2, label=f"{name} (AUROC {roc_auc_score(y, p):.3f}, n={len(y)})"
+        )
+        for i, (label, (x, sensitivity)) in enumerate((points or {}).get(name, {}).items()):
+            ax.plot(
+                x, sensitivity, ls="none", marker=markers[i % len(markers)], ms=7, mfc="white",
+                mec=line.get_color(), mew=1.5, label=f"{name}: {label}" if shown[1:] else label,
+            )  # fmt: skip
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     ax.set(
         xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)"
