@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench lint clean
+.PHONY: venv demo test test-all bench lint clean notebook
 
 venv: $(STAMP)
 
@@ -33,6 +33,18 @@ bench: venv
 	$(BIN)/python benchmarks/scoring_memory.py
 	$(BIN)/python benchmarks/training_overhead.py
 	$(BIN)/python benchmarks/augment_throughput.py
+
+# JupyterLab on top of the project's environment, from its own pins (requirements.lock unchanged).
+# Extra server options: make notebook JUPYTER_ARGS="--no-browser --port 8890"
+JUPYTER_ARGS ?=
+NOTEBOOK_STAMP := $(VENV)/.notebook-installed
+
+$(NOTEBOOK_STAMP): $(STAMP) requirements-notebook.lock
+	$(BIN)/python -m pip install --quiet -r requirements-notebook.lock -c requirements.lock
+	touch $(NOTEBOOK_STAMP)
+
+notebook: $(NOTEBOOK_STAMP)
+	$(BIN)/jupyter lab notebooks/ $(JUPYTER_ARGS)
 
 lint: venv
 	$(BIN)/ruff check medtransfer tests benchmarks

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from medtransfer import atomic
@@ -33,6 +34,19 @@ from medtransfer.spec import TabularFeature
 
 EXPORT_THRESHOLDS = Path("assets.extra") / THRESHOLDS_FILE
 _VERSION = re.compile(r"[0-9]+")  # TF Serving's version folders: an integer, ASCII digits
+_LABEL_TOKENS = re.compile(r"[|;,]")  # how a multilabel manifest cell separates its classes
+_SPLIT_ORDER = ("train", "val", "test")
+_NO_SITE = "(not recorded)"
+_MODALITY_NAMES = {
+    "xray": "X-ray",
+    "mammography": "mammography",
+    "ct": "CT",
+    "mr": "MR",
+    "dermoscopy": "dermoscopy",
+    "fundus": "fundus photograph",
+    "histopathology": "histopathology",
+    "ultrasound": "ultrasound",
+}
 
 
 def _decode_png(size: tuple[int, int], channels: int):
@@ -110,21 +124,114 @@ def _describe_feature(feature: TabularFeature) -> str:
     return f"{feature.name}: {kind}{source}"
 
 
+def _has_class(labels: pd.Series, name: str, task: str) -> pd.Series:
+    """Whether each stored label names class ``name`` (multilabel: one of its tokens)."""
+    if task != "multilabel":
+        return labels == name
+    return labels.map(lambda value: name in {t.strip() for t in _LABEL_TOKENS.split(value)})
+
+
+def _summary_rows(table: pd.DataFrame, by: str, classes: list[str], task: str) -> list[dict]:
+    rows = []
+    for value, group in table.groupby(by, sort=False):
+        prevalence = {
+            name: round(float(_has_class(group["label"], name, task).mean()), 4) for name in classes
+        }
+        rows.append(
+            {
+                by: str(value),
+                "images": len(group),
+                "patients": int(group["patient"].nunique()),
+                "prevalence": prevalence,
+            }
+        )
+    return rows
+
+
+def data_summary(manifest: pd.DataFrame, classes: list[str], task: str) -> dict:
+    """Images, patients and class prevalence per split and per site, from a run's manifest.
+
+    Only counts and fractions: the paths and (hashed) patient keys stay in the run. Splits come
+    in the order train, val, test (then any other); ``all`` is every image of the run.
+    """
+    table = manifest.astype({"split": str, "site": str, "label": str, "patient": str})
+    order = {name: i for i, name in enumerate(_SPLIT_ORDER)}
+    table = table.sort_values("split", key=lambda s: s.map(lambda v: order.get(v, len(order))))
+    table = table.assign(site=table["site"].replace("", _NO_SITE))
+    everything = table.assign(split="all")
+    return {
+        "by_split": _summary_rows(pd.concat([table, everything]), "split", classes, task),
+        "by_site": _summary_rows(table.sort_values("site"), "site", classes, task),
+    }
+
+
+def _run_data_summary(run: Run) -> dict | None:
+    """The run's data summary, or None for a run without a stored manifest (or an older one)."""
+    try:
+        return data_summary(run.manifest(), run.info.classes, run.info.task)
+    except (FileNotFoundError, KeyError):
+        return None
+
+
+def intended_use(info: ModelInfo, modality: str) -> str:
+    """What the model is for, in the run's own terms: task, classes, modality, image size."""
+    names = info.class_names
+    if info.task == "binary":
+        negative = [c for c in names if c != info.positive_class]
+        what = f"telling {info.positive_class} (the positive class) from {', '.join(negative)}"
+    elif info.task == "multilabel":
+        what = f"flagging each of {', '.join(names)} (several may apply to one image)"
+    else:
+        what = f"assigning one of {len(names)} classes ({', '.join(names)}) to each image"
+    kind = _MODALITY_NAMES.get(modality, "medical")
+    height, width = info.image_size
+    return (
+        f"Research and clinical-evaluation use: {what} on {kind} images like the training "
+        f"data described below. Every image is resized to {height}x{width} pixels inside the "
+        "model, so findings smaller than a pixel at that size cannot be seen. Not a medical "
+        "device; a clinician reviews every output."
+    )
+
+
+def _limitations(run_info: RunInfo, data: dict | None) -> list[str]:
+    sites = [row["site"] for row in (data or {}).get("by_site", []) if row["site"] != _NO_SITE]
+    measured = (
+        f"Trained and validated on data from {len(sites)} site(s) ({', '.join(sites)}); "
+        if sites
+        else "Validated only on the splits listed here (sites not recorded); "
+    )
+    return [
+        measured + "performance at other sites, scanners or populations is unknown until "
+        "measured there.",
+        "Outputs are uncalibrated probabilities unless a calibration step is recorded below.",
+        "Decision thresholds were chosen on the validation split; a new site's prevalence "
+        "changes the positive and negative predictive values even at the same threshold.",
+        f"Trained as {run_info.task} classification over exactly these classes: an image "
+        "showing anything else still gets probabilities over them.",
+    ]
+
+
 def model_card(
-    info: ModelInfo, run_info: RunInfo, metrics: dict | None, thresholds: dict | None = None
+    info: ModelInfo,
+    run_info: RunInfo,
+    metrics: dict | None,
+    thresholds: dict | None = None,
+    data: dict | None = None,
 ) -> tuple[str, dict]:
     """The model card as Markdown and JSON: what the model is for and how it was checked.
 
-    Only aggregate figures appear (counts, metrics, thresholds): no image path, patient key or
-    DICOM value, so the card can travel with the model. ``thresholds`` is the record as
-    evaluation keeps it (+inf allowed); the card holds it as written (null plus a note).
-    A degenerate model (``degenerate_model`` in run.json or the metrics) is flagged on top.
+    Only aggregate figures appear (counts, prevalences, metrics, thresholds): no image path,
+    patient key or DICOM value, so the card can travel with the model. ``data`` is the run's
+    :func:`data_summary`. ``thresholds`` is the record as evaluation keeps it (+inf allowed);
+    the card holds it as written (null plus a note). A degenerate model
+    (``degenerate_model`` in run.json or the metrics) is flagged on top.
     """
     card = {
         "model": info.name,
         "task": info.task,
         "classes": info.class_names,
         "positive_class": info.positive_class,
+        "modality": run_info.modality,
         "degenerate_model": degenerate_findings(run_info, metrics) or None,
         "input": {
             "serving_default": f"image: float32 [batch, H, W, {info.channels}] in [0, 1], any H, W",
@@ -147,16 +254,12 @@ def model_card(
             "best_epoch": run_info.best_epoch,
             "best_val_auroc": run_info.best_val_auroc,
         },
+        "data_summary": data,
         "evaluation": _card_metrics(metrics),
         "decision_thresholds": None if thresholds is None else thresholds_for_json(thresholds),
         "versions": run_info.versions,
-        "intended_use": "Research and clinical-evaluation use on images like the training data. "
-        "Not a medical device; a clinician reviews every output.",
-        "limitations": [
-            "Validated only on the splits listed here; performance at other sites, scanners or "
-            "populations is unknown until measured there.",
-            "Outputs are uncalibrated probabilities unless a calibration step is recorded above.",
-        ],
+        "intended_use": intended_use(info, run_info.modality),
+        "limitations": _limitations(run_info, data),
     }
     return _card_markdown(card, info, metrics, thresholds), card
 
@@ -171,48 +274,138 @@ def degenerate_findings(run_info: RunInfo, metrics: dict | None) -> list[str]:
     return found
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    """A figure rounded for reading; "n/a" for a missing or non-finite one."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _with_ci(value: float | None, ci: list | None) -> str:
+    if ci is None or None in ci:
+        return _num(value)
+    return f"{_num(value)} (95% CI {_num(ci[0])}-{_num(ci[1])})"
+
+
 def _threshold_text(threshold: float) -> str:
     return f"{threshold:.4f}" if np.isfinite(threshold) else "none (no image called positive)"
+
+
+def _point_name(point: str) -> str:
+    """An operating point's plain name: ``sensitivity_0.95`` -> "Sensitivity at least 95% ..."."""
+    rule, _, value = point.partition("_")
+    if rule == "youden":
+        return "Best balance of sensitivity and specificity (Youden's J)"
+    if rule in ("sensitivity", "specificity") and value:
+        return f"{rule.capitalize()} at least {float(value):.0%} on validation"
+    if rule == "fixed" and value:
+        return f"Fixed cut-off at probability {value}"
+    return point
+
+
+def _data_table(data: dict | None, classes: list[str]) -> list[str]:
+    """Two Markdown tables, per split and per site: images, patients, share of each class."""
+    if not data:
+        return ["No stored manifest: this run did not record its images per split and site."]
+    lines = ["Prevalence is the share of images labelled with each class."]
+    for by in ("split", "site"):
+        head = [by.capitalize(), "Images", "Patients", *[f"{name} (%)" for name in classes]]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in data[f"by_{by}"]:
+            cells = [row[by], str(row["images"]), str(row["patients"])]
+            cells += [f"{100 * row['prevalence'][name]:.1f}" for name in classes]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _evaluation_lines(metrics: dict | None) -> list[str]:
+    if not metrics:
+        return ["Not evaluated yet: run `medtransfer evaluate` on the run and export again."]
+    lines = [
+        f"On the {metrics.get('split', '?')} split: {metrics.get('n_images')} images, "
+        f"{metrics.get('n_patients', 'n/a')} patients. Accuracy "
+        f"{_num(metrics.get('accuracy'))}, balanced accuracy "
+        f"{_num(metrics.get('balanced_accuracy'))}, macro AUROC "
+        f"{_num(metrics.get('auroc', {}).get('macro'))}.",
+    ]
+    discrimination = metrics.get("discrimination") or {}
+    if discrimination:
+        lines += ["", "| Class | AUROC (95% CI, DeLong) | AUPRC | Positives | Negatives |"]
+        lines.append("|---|---|---|---|---|")
+    for name, d in discrimination.items():
+        auroc = _with_ci(d.get("auroc"), d.get("auroc_ci_delong"))
+        lines.append(
+            f"| {name} | {auroc} | {_num(d.get('auprc'))} | {d.get('n_positive')} | "
+            f"{d.get('n_negative')} |"
+        )
+    return lines
+
+
+def _threshold_lines(thresholds: dict | None, metrics: dict | None) -> list[str]:
+    if not thresholds:
+        return ["None recorded (the run was not evaluated)."]
+    lines = [
+        f"Chosen on the {thresholds['chosen_on']} split, applied as {thresholds['rule']}; "
+        f"stored in `{EXPORT_THRESHOLDS}`. Sensitivity and specificity are measured on the "
+        f"{(metrics or {}).get('split', 'test')} split."
+    ]
+    measured = (metrics or {}).get("operating_points") or {}
+    for name, points in thresholds["thresholds"].items():
+        lines += ["", f"{name}:"]
+        for point, threshold in points.items():
+            m = measured.get(name, {}).get(point)
+            plain = (m or {}).get("label") or _point_name(point)  # the report's name if it has one
+            line = f"- {plain[:1].upper()}{plain[1:]}: {point} {_threshold_text(threshold)}"
+            if m:
+                line += (
+                    f"; sensitivity {_with_ci(m['sensitivity'], m.get('sensitivity_ci'))}, "
+                    f"specificity {_with_ci(m['specificity'], m.get('specificity_ci'))}"
+                )
+            lines.append(line)
+    return lines
 
 
 def _card_markdown(
     card: dict, info: ModelInfo, metrics: dict | None, thresholds: dict | None
 ) -> str:
     training = card["training"]
+    counts = training["images_per_split"] or {}
+    ordered = sorted(counts, key=lambda k: _SPLIT_ORDER.index(k) if k in _SPLIT_ORDER else 9)
+    split_counts = ", ".join(f"{k} {counts[k]}" for k in ordered)
+    epoch = f" (epoch {training['best_epoch']})" if training["best_epoch"] else ""
     lines = [
         f"# Model card: {info.name}",
         "",
         *[f"> **Warning**, found {found}\n" for found in card["degenerate_model"] or []],
-        f"- Task: {info.task}; classes: {', '.join(info.class_names)}",
+        "## Intended use",
+        card["intended_use"],
+        "",
+        "## Model",
+        f"- Task: {info.task}; classes: {', '.join(info.class_names)}"
+        + (f"; positive class: {info.positive_class}" if info.positive_class else ""),
+        f"- Modality: {card['modality']}",
         f"- Backbone: {training['backbone']} (weights: {training['weights']}), "
         f"seed {training['seed']}",
         f"- Input: {card['input']['serving_default']}; resized inside to "
         f"{info.image_size[0]}x{info.image_size[1]}",
         *[f"- Tabular input {item}" for item in card["input"]["tabular"]],
-        f"- Data: {training['images_per_split']} images per split, fingerprint "
-        f"`{training['data_fingerprint']}`",
-        f"- Best validation AUROC {training['best_val_auroc']} (epoch {training['best_epoch']})",
+        f"- Best validation AUROC {_num(training['best_val_auroc'])}{epoch}",
+        "",
+        "## Data",
+        f"Images per split: {split_counts or 'not recorded'}; data fingerprint "
+        f"`{training['data_fingerprint']}`.",
+        "",
+        *_data_table(card["data_summary"], info.class_names),
+        "",
+        "## Evaluation",
+        *_evaluation_lines(metrics),
+        "",
+        "## Decision thresholds",
+        *_threshold_lines(thresholds, metrics),
+        "",
+        "## Limitations",
+        *[f"- {item}" for item in card["limitations"]],
     ]
-    if metrics:
-        auroc = metrics.get("auroc", {}).get("macro")
-        lines.append(
-            f"- Evaluation ({metrics.get('split', '?')} split, n={metrics.get('n_images')}):"
-            f" AUROC {auroc}, accuracy {metrics.get('accuracy')}"
-        )
-        for name, d in (metrics.get("discrimination") or {}).items():
-            if d.get("auroc_ci_delong") and None not in d["auroc_ci_delong"]:
-                low, high = d["auroc_ci_delong"]
-                lines.append(f"  - {name}: AUROC {d['auroc']:.4f} (95% CI {low:.4f}-{high:.4f})")
-    if thresholds:
-        lines.append(
-            f"- Decision thresholds (chosen on {thresholds['chosen_on']}, applied as "
-            f"{thresholds['rule']}), in `{EXPORT_THRESHOLDS}`:"
-        )
-        for name, points in thresholds["thresholds"].items():
-            listed = ", ".join(f"{point} {_threshold_text(t)}" for point, t in points.items())
-            lines.append(f"  - {name}: {listed}")
-    lines += ["", "## Intended use", card["intended_use"], "", "## Limitations"]
-    lines += [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Versions", *[f"- {k}: {v}" for k, v in (card["versions"] or {}).items()]]
     return "\n".join(lines) + "\n"
 
@@ -340,7 +533,7 @@ def _write_assets(
     atomic.write_json(built / EXPORT_INFO, info.to_json())
     if thresholds is not None:
         write_thresholds(built / EXPORT_THRESHOLDS, thresholds)
-    markdown, card = model_card(info, run.info, metrics, thresholds)
+    markdown, card = model_card(info, run.info, metrics, thresholds, _run_data_summary(run))
     if tta:
         card["test_time_augmentation"] = "built in: probabilities averaged over the views " + (
             "identity, central 90% zoom, and both mirrored"
