@@ -189,10 +189,13 @@ def open_run(path: str | Path) -> Run:
 
 def _stored_modality(spec_file: Path) -> str:
     """The modality an older run's spec names, read as plain YAML: the stored spec is not
-    validated again (that would require the training data to still exist)."""
+    validated again (that would require the training data to still exist). Anything but a
+    readable regular file (a FIFO would block the read) counts as unrecorded: "other"."""
+    if not spec_file.is_file():
+        return "other"
     try:
         raw = yaml.safe_load(spec_file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return "other"
     return str(raw.get("modality", "other")) if isinstance(raw, dict) else "other"
 

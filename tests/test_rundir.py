@@ -4,7 +4,9 @@ version, and nothing that reads it needs the training data."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -82,3 +84,26 @@ def test_a_damaged_run_record_is_one_error_naming_the_file(tiny_run, tmp_path):
     (copy / RUN_FILE).unlink()
     with pytest.raises(RunError, match="not a finished medtransfer run"):
         open_run(copy)
+
+
+@pytest.mark.parametrize("damage", ["fifo", "bit_flipped", "missing"])
+def test_an_older_run_with_an_unreadable_stored_spec_opens_as_modality_other(
+    tiny_run, tmp_path, damage
+):
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_run, copy)
+    record = json.loads((copy / RUN_FILE).read_text())
+    del record["modality"]
+    (copy / RUN_FILE).write_text(json.dumps(record))
+    spec_file = copy / SPEC_FILE
+    spec_file.unlink()
+    if damage == "fifo":
+        os.mkfifo(spec_file)  # reading it would block forever
+    elif damage == "bit_flipped":
+        spec_file.write_bytes(b"modality: \xff\xfe xray\n")  # not UTF-8
+    opened = []
+    reader = threading.Thread(target=lambda: opened.append(open_run(copy)), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert opened, "open_run blocked on the stored spec"
+    assert opened[0].info.modality == "other"
