@@ -44,6 +44,7 @@ def main() -> None:
     import pandas as pd
 
     from medtransfer.data.cache import CacheSettings, ShardCache
+    from medtransfer.data.decode_pool import DecodePool
     from medtransfer.data.pipeline import _ShardDecoder, load_images
 
     paths = [str(p) for p in sorted(CORPUS.glob("*.dcm"))] * args.repeat
@@ -60,7 +61,7 @@ def main() -> None:
         array_s = _median_seconds(load, args.reads)
 
         settings = CacheSettings(size, 1, "dicom", "first")
-        with _ShardDecoder(size, 1, "dicom", "first", workers=0) as no_decoding:
+        with _ShardDecoder(settings, DecodePool(0)) as no_decoding:
             dataset = ShardCache(root).dataset(paths, settings, no_decoding).batch(32)
         streamed = np.concatenate([batch.numpy() for batch in dataset])
         assert np.array_equal(streamed, built), "tf.data reader disagrees with the array path"

@@ -17,12 +17,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medtransfer.data import cache, pipeline
+from medtransfer.data import cache, decode_pool, pipeline
 from medtransfer.data.cache import QUANT_ERROR, CacheSettings, ShardCache
+from medtransfer.data.decode_pool import DecodePool
 from medtransfer.data.pipeline import load_images
 from medtransfer.errors import DataError
 from medtransfer.io import load_image
-from medtransfer.models.inputs import to_model_input
+from medtransfer.models.inputs import resize_images, to_model_input
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "corpus"
 # Small, quick files that between them cover RLE, JPEG 2000, JPEG-LS, big endian, MONOCHROME1.
@@ -76,11 +77,11 @@ class CountingDecoder:
         self.calls: list[list[str]] = []
         self.fail_after_calls = fail_after_calls
 
-    def __call__(self, paths, window, frames, pool):
+    def __call__(self, paths, settings, pool):
         if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
             raise Interrupted  # the build is stopped mid-way (Ctrl-C, a killed job)
         self.calls.append(list(paths))
-        return REAL_DECODE_FILES(paths, window, frames, pool)
+        return REAL_DECODE_FILES(paths, settings, pool)
 
     @property
     def decoded(self) -> list[str]:
@@ -115,7 +116,7 @@ def test_second_load_never_decodes(
         raise AssertionError("decoded again")
 
     monkeypatch.setattr("medtransfer.io.dicom.pydicom.dcmread", no_decoding)
-    monkeypatch.setattr(cache, "load_image", no_decoding)
+    monkeypatch.setattr(decode_pool, "load_image", no_decoding)
     second = load(images, tmp_path / "cache")
     assert len(counter.calls) == 3
     np.testing.assert_array_equal(second, first)
@@ -134,6 +135,16 @@ def test_cached_pixels_equal_a_fresh_decode(
     assert np.abs(reference - reference.astype(np.float16)).max() > 1e-4  # why not float16
     uncached = load_images(frame, SIZE, channels, workers=0, use_cache=False)
     np.testing.assert_array_equal(uncached, reference)
+    # and what a served model computes from the full image with its in-graph resize
+    in_graph = np.stack([_in_graph(load_image(p).pixels, channels) for p in images])
+    assert np.abs(cached - in_graph).max() <= 1e-5
+
+
+def _in_graph(pixels: np.ndarray, channels: int) -> np.ndarray:
+    plane = pixels[..., None] if pixels.ndim == 2 else pixels
+    if plane.shape[-1] != channels:
+        plane = plane.mean(-1, keepdims=True) if channels == 1 else np.repeat(plane, 3, -1)
+    return resize_images(plane[None], SIZE).numpy()[0]
 
 
 def test_touched_file_redecodes_only_its_shard(
@@ -228,7 +239,7 @@ def test_damaged_shard_is_rebuilt_never_returned(
 def test_tf_data_reader_yields_the_array_path_images(images: list[str], tmp_path: Path) -> None:
     settings = CacheSettings(SIZE, 1, "dicom", "first")
     array = load(images, tmp_path)
-    with pipeline._ShardDecoder(SIZE, 1, "dicom", "first", workers=0) as decode:
+    with pipeline._ShardDecoder(settings, DecodePool(0)) as decode:
         dataset = ShardCache(tmp_path).dataset(images, settings, decode)
     streamed = np.stack([image.numpy() for image in dataset])
     np.testing.assert_array_equal(streamed, array)
@@ -296,7 +307,7 @@ def test_out_of_range_pixels_are_stored_exactly() -> None:
 
 
 def test_decode_workers_do_not_import_tensorflow() -> None:
-    code = "import sys, medtransfer.data.cache; print('tensorflow' in sys.modules)"
+    code = "import sys, medtransfer.data.decode_pool; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

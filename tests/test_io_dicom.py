@@ -40,6 +40,7 @@ from medtransfer.io import (
     patient_key,
     read_dicom,
 )
+from medtransfer.io import dicom as dicom_module
 from medtransfer.io.dicom import SAFE_TAGS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -610,3 +611,31 @@ def test_all_frames_stack_each_through_its_own_pipeline() -> None:
     assert not np.array_equal(stack[0], stack[9])
     single = read_dicom(CORPUS / "693_UNCI.dcm", frames="all").pixels
     assert single.shape == (1, 512, 512)
+
+
+@pytest.mark.parametrize("name", ["RG1_JLSN.dcm", "RG2_JLSL.dcm", "CT1_JLSN.dcm"])
+def test_jpeg_ls_is_read_by_charls_with_libjpeg_s_pixels(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CharLS (pyjpegls) is asked first for JPEG-LS (3-4x faster than libjpeg, which pydicom
+    prefers); the pixels must be libjpeg's exactly, and a CharLS failure falls back to it."""
+    asked: list[str] = []
+    real = dicom_module._as_array
+
+    def spy(decoder, ds, index, plugin):
+        asked.append(plugin)
+        return real(decoder, ds, index, plugin)
+
+    monkeypatch.setattr(dicom_module, "_as_array", spy)
+    fast = read_dicom(CORPUS / name).pixels
+    assert asked == ["pyjpegls"]
+
+    def libjpeg_only(decoder, ds, index, plugin):
+        asked.append(plugin)
+        if plugin == "pyjpegls":
+            raise RuntimeError("CharLS refused it")
+        return real(decoder, ds, index, "pylibjpeg" if plugin == "" else plugin)
+
+    monkeypatch.setattr(dicom_module, "_as_array", libjpeg_only)
+    assert np.array_equal(read_dicom(CORPUS / name).pixels, fast)
+    assert asked == ["pyjpegls", "pyjpegls", ""]

@@ -26,7 +26,7 @@ corpus). A shard whose values are not in [0, 1] (no decoder here produces that) 
 float32 so the cache never changes what a fresh decode gives.
 
 This module imports neither TensorFlow nor Keras at import time: spawned decode workers import it
-for ``decode_file`` and must stay light.
+(through ``medtransfer.data.decode_pool``) and must stay light.
 """
 
 from __future__ import annotations
@@ -46,16 +46,15 @@ import numpy as np
 
 from medtransfer import atomic
 from medtransfer.errors import DataError
-from medtransfer.io import ImageReadError, load_image
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-CACHE_VERSION = 1  # bump when the shard format or the meaning of a key changes
+CACHE_VERSION = 2  # bump when the shard format or the meaning of a key changes (2: NumPy resize)
 SHARD_ROWS = 256  # images per shard: 25 MB at 224x224x1, one atomic write each
 QUANT_MAX = 65535
 QUANT_ERROR = 0.5 / QUANT_MAX + 1e-6  # rounding bound plus float32 slack (clipped 1 + 4e-7)
-# Packages whose versions can change decoded or resized pixels (TensorFlow does the resize).
+# Packages whose versions can change decoded or resized pixels (NumPy and SciPy resize).
 PIXEL_PACKAGES = (
     "medtransfer",
     "numpy",
@@ -66,7 +65,7 @@ PIXEL_PACKAGES = (
     "pylibjpeg-rle",
     "pyjpegls",
     "pillow",
-    "tensorflow",
+    "scipy",
 )
 
 Decoder = Callable[[list[str]], np.ndarray]
@@ -81,16 +80,6 @@ class UnreadableImages(DataError):
         shown = "\n  ".join(errors[:5])
         more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
         super().__init__(f"{len(errors)} image(s) could not be read:\n  {shown}{more}")
-
-
-def decode_file(path: str, window: str | dict, frames: str) -> np.ndarray | ImageReadError:
-    """Decode-worker entry point: lives here, not in the TensorFlow-importing pipeline module,
-    so spawned workers stay light; returns the error rather than raising it, so one bad file is
-    one line in the report instead of the end of the build."""
-    try:
-        return load_image(path, window=window, frames=frames).pixels
-    except ImageReadError as error:
-        return error
 
 
 def default_cache_dir() -> Path:

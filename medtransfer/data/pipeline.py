@@ -1,20 +1,17 @@
 """From manifest rows to model-ready tensors and ``tf.data`` pipelines.
 
-Images are decoded once, in spawned worker processes (decoding is GIL-bound and TensorFlow
-must not be forked), and kept in the decode-once cache (``medtransfer.data.cache``) for later
-epochs, runs and evaluations. They are resized with exactly the op the model's own ``Resizing``
-layer uses. Training therefore sees the same pixels a served model computes from the full-size
-image, and the in-model resize becomes an identity during training.
+Images are decoded once, by a ``DecodePool`` (``medtransfer.data.decode_pool``: spawned worker
+processes that decode and resize, since decoding is GIL-bound and TensorFlow must not be
+forked), and kept in the decode-once cache (``medtransfer.data.cache``) for later epochs, runs
+and evaluations. They are resized as the model's own ``Resizing`` layer resizes (in NumPy,
+within 1.2e-6 of it). Training therefore sees the same pixels a served model computes from the
+full-size image, and the in-model resize becomes an identity during training.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import sys
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +21,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from medtransfer.data.augment import Augmenter, batch_seed
-from medtransfer.data.cache import CacheSettings, ShardCache, UnreadableImages, decode_file
+from medtransfer.data.cache import CacheSettings, ShardCache, UnreadableImages
+from medtransfer.data.decode_pool import DecodePool, Result, Workers, pool_for
 from medtransfer.data.manifest import NPZ_SEPARATOR, targets
 from medtransfer.data.tabular import column_name, model_inputs
 from medtransfer.errors import DataError
@@ -34,43 +32,28 @@ from medtransfer.models.inputs import Inputs, input_count, to_model_input
 if TYPE_CHECKING:
     from medtransfer.spec import Spec, TabularFeature
 
-_RESIZE_CHUNK = 32  # decoded full-size images held at once while a shard is resized
 
-
-def _decode_files(
-    paths: list[str], window: str | dict, frames: str, pool: Executor | None
-) -> Iterator[np.ndarray | ImageReadError]:
-    """Decoded pixels (or the file's error) in order, lazily: the caller resizes each chunk as
-    it arrives, so only a few full-size images are held at once."""
-    args = (paths, [window] * len(paths), [frames] * len(paths))
-    if pool is None:
-        return map(decode_file, *args)
-    return pool.map(decode_file, *args, chunksize=4)
+def _decode_files(paths: list[str], settings: CacheSettings, pool: DecodePool) -> Iterator[Result]:
+    """Each file's model-size pixels or its error, in order (a seam tests count decodes at)."""
+    return pool.decode(paths, settings.size, settings.channels, settings.window, settings.frames)
 
 
 class _ShardDecoder:
-    """Files -> resized float32 [n, H, W, C], as the cache's ``Decoder``.
+    """Files -> float32 [n, H, W, C] at ``settings``, as the cache's ``Decoder``.
 
-    The spawn pool starts on first use and then serves every shard of the load, so a fully
-    cached load starts no process at all and a build pays the pool's start-up once. With
-    ``progress``, ``expect(n)`` opens a progress bar on stderr (images and images/s) that each
-    decoded chunk advances; a load with nothing to decode shows none.
+    With ``progress``, ``expect(n)`` opens a progress bar on stderr (images and images/s) that
+    each decoded image advances; a load with nothing to decode shows none.
     """
 
     def __init__(
         self,
-        size: Sequence[int],
-        channels: int,
-        window: str | dict,
-        frames: str,
-        workers: int,
+        settings: CacheSettings,
+        pool: DecodePool,
         *,
         progress: bool = False,
         label: str = "decoding images",
     ) -> None:
-        self._size, self._channels = tuple(size), channels
-        self._window, self._frames, self._workers = window, frames, workers
-        self._pool: ProcessPoolExecutor | None = None
+        self.settings, self._pool = settings, pool
         self._progress, self._label = progress, label
         self._bar: tqdm | None = None
 
@@ -80,13 +63,6 @@ class _ShardDecoder:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-
-    def settings(self) -> CacheSettings:
-        """The cache settings of the pixels this decoder makes."""
-        size = (int(self._size[0]), int(self._size[1]))
-        return CacheSettings(size, self._channels, self._window, self._frames)
 
     def expect(self, n_images: int) -> None:
         """Images about to be decoded: the progress bar's total (opens it, if wanted)."""
@@ -100,29 +76,20 @@ class _ShardDecoder:
             )
 
     def __call__(self, paths: list[str]) -> np.ndarray:
-        results = _decode_files(paths, self._window, self._frames, self._pool_for(len(paths)))
-        out = np.empty((len(paths), *self._size, self._channels), np.float32)
+        out = np.empty((len(paths), *self.settings.image_shape), np.float32)
         errors: list[str] = []
-        for start in range(0, len(paths), _RESIZE_CHUNK):
-            chunk = list(islice(results, _RESIZE_CHUNK))
-            errors += [
-                f"{path}: {r}"
-                for path, r in zip(paths[start:], chunk, strict=False)
-                if isinstance(r, ImageReadError)
-            ]
-            if not errors:
-                out[start : start + len(chunk)] = to_model_input(chunk, self._size, self._channels)
+        for i, (path, result) in enumerate(
+            zip(paths, _decode_files(paths, self.settings, self._pool), strict=True)
+        ):
+            if isinstance(result, ImageReadError):
+                errors.append(f"{path}: {result}")
+            else:
+                out[i] = result
             if self._bar is not None:
-                self._bar.update(len(chunk))
+                self._bar.update()
         if errors:
             raise UnreadableImages(errors)
         return out
-
-    def _pool_for(self, n_files: int) -> ProcessPoolExecutor | None:
-        if self._pool is None and self._workers > 0 and n_files >= 8:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=context)
-        return self._pool
 
 
 def _load_npz_rows(refs: dict[int, str]) -> dict[int, np.ndarray]:
@@ -148,7 +115,7 @@ def load_images(
     *,
     window: str | dict = "dicom",
     frames: str = "first",
-    workers: int | None = None,
+    workers: Workers = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool | None = None,
@@ -162,22 +129,20 @@ def load_images(
     pixels are within 7.7e-6 of a fresh decode. ``use_cache=False`` decodes everything in memory
     and writes nothing. npz rows are read from their archive (already decoded, never cached).
 
-    ``progress`` shows a bar on stderr while files are decoded (cached images are not counted);
-    the default, None, shows it only when stderr is a terminal, so logs stay clean.
+    ``workers``: decode processes (default: one per usable core; 0 decodes in this process),
+    or a ``DecodePool`` that several loads share. ``progress`` shows a bar on stderr while
+    files are decoded (cached images are not counted); the default, None, shows it only when
+    stderr is a terminal, so logs stay clean.
     """
     paths = df["path"].tolist()
     npz = {i: p for i, p in enumerate(paths) if NPZ_SEPARATOR in p}
     files = [i for i in range(len(paths)) if i not in npz]
-    decoder = _ShardDecoder(
-        size,
-        channels,
-        window,
-        frames,
-        min(4, os.cpu_count() or 1) if workers is None else workers,
-        progress=_stderr_is_a_terminal() if progress is None else progress,
-        label=label,
-    )
-    with decoder:
+    settings = CacheSettings((int(size[0]), int(size[1])), channels, window, frames)
+    shown = _stderr_is_a_terminal() if progress is None else progress
+    with (
+        pool_for(workers) as pool,
+        _ShardDecoder(settings, pool, progress=shown, label=label) as decoder,
+    ):
         file_images = _load_file_rows([paths[i] for i in files], decoder, cache_dir, use_cache)
     if not npz:
         return file_images
@@ -189,7 +154,7 @@ def load_images(
 
 
 def load_split(
-    spec: Spec, manifest: pd.DataFrame, split: str, *, workers: int | None = None
+    spec: Spec, manifest: pd.DataFrame, split: str, *, workers: Workers = None
 ) -> tuple[Inputs, np.ndarray]:
     """One split of a manifest as the spec's model sees it: inputs and [N, K] targets.
 
@@ -204,7 +169,7 @@ def load_split(
 
 
 def load_spec_images(
-    spec: Spec, rows: pd.DataFrame, *, workers: int | None = None, label: str = "decoding images"
+    spec: Spec, rows: pd.DataFrame, *, workers: Workers = None, label: str = "decoding images"
 ) -> np.ndarray:
     """The images of manifest ``rows`` at the spec's size, channels, window and frame policy
     (``label``: the decode progress bar's, when there is one)."""
@@ -237,7 +202,7 @@ def _load_file_rows(
         if paths:
             decode.expect(len(paths))
         return decode(paths)
-    return ShardCache(cache_dir).load(paths, decode.settings(), decode, on_decode=decode.expect)
+    return ShardCache(cache_dir).load(paths, decode.settings, decode, on_decode=decode.expect)
 
 
 def _stderr_is_a_terminal() -> bool:

@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from medtransfer import __version__
+from medtransfer.data.decode_pool import DecodePool
 from medtransfer.data.manifest import (
     NPZ_SEPARATOR,
     build_manifest,
@@ -129,9 +130,10 @@ def compute_assessment(
     rows = _split_rows(spec, source, split)
     if rows.empty:
         raise SpecError(f"{spec.origin}: the {split} split has no images")
-    probabilities = _predict(predictor, rows, workers)
-    y = targets(rows, spec.classes)
-    val = _validate(predictor, spec, source, split, rows, probabilities, settings, workers)
+    with DecodePool(workers) as pool:  # one pool's start-up for the split and val
+        probabilities = _predict(predictor, rows, pool)
+        y = targets(rows, spec.classes)
+        val = _validate(predictor, spec, source, split, rows, probabilities, settings, pool)
     metrics = _metrics(source, split, rows, y, probabilities, val, info, settings, tta)
     metrics["provenance"] = provenance(source, info, split, rows)
     metrics["threshold_selection"] = _selection(val, info)
@@ -163,7 +165,7 @@ def _split_rows(spec: Spec, model_dir: Path, split: str) -> pd.DataFrame:
     return manifest[manifest["split"] == split]
 
 
-def _predict(predictor: Predictor, rows: pd.DataFrame, workers: int | None) -> np.ndarray:
+def _predict(predictor: Predictor, rows: pd.DataFrame, pool: DecodePool) -> np.ndarray:
     info = predictor.info
     images = load_images(
         rows,
@@ -171,7 +173,7 @@ def _predict(predictor: Predictor, rows: pd.DataFrame, workers: int | None) -> n
         info.channels,
         window=info.window,
         frames=info.frames,
-        workers=workers,
+        workers=pool,
     )
     return predictor.predict_batch(with_tabular(images, rows, info.tabular))
 
@@ -195,7 +197,7 @@ def _validate(
     rows: pd.DataFrame,
     probabilities: np.ndarray,
     settings: ClinicalSettings,
-    workers: int | None,
+    pool: DecodePool,
 ) -> _Validation:
     """Operating points and the calibration temperature, chosen on the validation split (the
     split being evaluated when that is val; none when the validation split is empty)."""
@@ -203,7 +205,7 @@ def _validate(
     val_rows = rows if split == "val" else _split_rows(spec, source, "val")
     if val_rows.empty:
         return _Validation(val_rows, np.zeros((0, len(spec.classes))), None, {}, None)
-    p_val = probabilities if split == "val" else _predict(predictor, val_rows, workers)
+    p_val = probabilities if split == "val" else _predict(predictor, val_rows, pool)
     y_val = targets(val_rows, spec.classes)
     classes, task, positive = info.class_names, info.task, info.positive_class
     return _Validation(

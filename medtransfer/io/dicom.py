@@ -9,6 +9,7 @@ pixels, so a model never learns the scanner's encoding choices.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import Decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 from pydicom.pixels.utils import get_nr_frames
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from medtransfer.privacy import pseudonym
 
@@ -381,21 +388,35 @@ def _codec(tsyntax: UID) -> str:
     return next((c for c in ("JPEG 2000", "JPEG-LS", "JPEG", "RLE") if c in name), "pixel data")
 
 
+# pydicom tries libjpeg first for JPEG-LS; CharLS (pyjpegls) gives the same pixels 3-4x faster
+# (a 1955x1841 radiograph: 87 ms instead of 307 ms), so it is asked for first where installed.
+_FASTEST_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+
+
 def _decode(ds: Dataset, tsyntax: UID, index: int) -> tuple[np.ndarray, str]:
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as exc:
         raise UnsupportedDicomError(f"unsupported transfer syntax: {tsyntax.name}") from exc
+    fastest = _FASTEST_PLUGIN.get(tsyntax)
+    if fastest in decoder.available_plugins:
+        with contextlib.suppress(Exception):  # every installed plugin is tried next
+            return _as_array(decoder, ds, index, fastest)
     try:
-        # Decoding one frame (index) avoids decompressing a whole multi-frame series; raw=False
-        # lets pydicom turn YBR_FULL(_422) into RGB, and the returned photometric
-        # interpretation tells what the decoder produced (e.g. RGB from a YBR_ICT JPEG 2000).
-        arr, info = decoder.as_array(ds, index=index)
+        return _as_array(decoder, ds, index, "")
     except Exception as exc:
         message = str(exc)
         if "less than expected" in message:
             raise DicomDecodeError(f"truncated: {message}") from exc
         raise DicomDecodeError(f"{_codec(tsyntax)} decode failed: {message}") from exc
+
+
+def _as_array(decoder: Decoder, ds: Dataset, index: int, plugin: str) -> tuple[np.ndarray, str]:
+    """One frame and the photometric interpretation the decoder produced; ``plugin`` "" lets
+    pydicom try every installed one. Decoding one frame (index) avoids decompressing a whole
+    multi-frame series; raw=False lets pydicom turn YBR_FULL(_422) into RGB, and the returned
+    interpretation tells what came out (e.g. RGB from a YBR_ICT JPEG 2000)."""
+    arr, info = decoder.as_array(ds, index=index, decoding_plugin=plugin)
     return arr, str(info["photometric_interpretation"])
 
 

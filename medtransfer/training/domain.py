@@ -41,6 +41,7 @@ import pandas as pd
 import tensorflow as tf
 
 from medtransfer.data.augment import Augmenter, batch_seed
+from medtransfer.data.decode_pool import Workers
 from medtransfer.data.pipeline import load_spec_images, make_training_dataset
 from medtransfer.errors import SpecError
 from medtransfer.models.adaptation import (
@@ -133,7 +134,7 @@ def target_rows(spec: Spec, manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_target_images(
-    spec: Spec, manifest: pd.DataFrame, *, workers: int | None = None
+    spec: Spec, manifest: pd.DataFrame, *, workers: Workers = None
 ) -> np.ndarray | None:
     """The target-site training images (no labels), or None when the method needs none."""
     if not adaptation_method(spec).uses_target_images:

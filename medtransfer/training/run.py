@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from medtransfer import atomic, rundir
 from medtransfer.data.augment import Augmenter, make_augmenter
+from medtransfer.data.decode_pool import DecodePool
 from medtransfer.data.manifest import build_manifest, fingerprint
 from medtransfer.data.pipeline import load_split, make_dataset
 from medtransfer.data.summary import data_summary, format_data_summary
@@ -210,9 +211,11 @@ def _load_splits(spec: Spec, manifest: pd.DataFrame, workers: int | None) -> _Sp
     unlabelled (``medtransfer.training.domain`` says which rows play which part)."""
     domain.check_sites(spec, manifest)
     labelled = domain.labelled_rows(spec, manifest)
-    train_xy = load_split(spec, labelled, "train", workers=workers)
-    val_xy = load_split(spec, domain.validation_rows(spec, manifest), "val", workers=workers)
-    return _Splits(train_xy, val_xy, domain.load_target_images(spec, manifest, workers=workers))
+    with DecodePool(workers) as pool:  # one pool's start-up for every split
+        train_xy = load_split(spec, labelled, "train", workers=pool)
+        val_xy = load_split(spec, domain.validation_rows(spec, manifest), "val", workers=pool)
+        target = domain.load_target_images(spec, manifest, workers=pool)
+    return _Splits(train_xy, val_xy, target)
 
 
 def _run_info(
