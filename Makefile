@@ -27,6 +27,7 @@ test-all: venv
 bench: venv
 	$(BIN)/python benchmarks/decode_throughput.py
 	$(BIN)/python benchmarks/cache_throughput.py
+	$(BIN)/python benchmarks/load_vs_monai.py
 	$(BIN)/python benchmarks/scoring_throughput.py
 	$(BIN)/python benchmarks/scoring_vs_predict.py
 	$(BIN)/python benchmarks/scoring_workers.py

@@ -119,6 +119,8 @@ class StandInPredictor:
     window = "dicom"
     frames = "first"
     tabular: Sequence = ()
+    image_size = (224, 224)
+    channels = 1
 
     def predict(
         self, images: list[np.ndarray], tabular: Mapping[str, Sequence] | None = None

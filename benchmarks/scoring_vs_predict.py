@@ -6,7 +6,12 @@ does: uncompressed files decoded in the main process while that is cheap) throug
 ``KerasPredictor`` over ``build_model`` (EfficientNetB0 at 224 px, random initialisation: a real
 backbone, so on a CPU the network is the bottleneck, as at a hospital site). The baseline is the
 same model's ``model.predict(batch_size=32)`` on the same images, already decoded, resized and in
-memory: the network alone. Target: scoring / bare >= 0.85.
+memory: the network alone. Target (issue 18): scoring / bare >= 0.95, median of rounds.
+
+``model.predict`` itself is bimodal here: in about half the calls of a process it runs at half
+speed (49 instead of 88 images/s, seen in repeated fresh processes, while the compiled call of
+the predictor arm stays at ~90). A slow baseline would flatter scoring, so "bare" is the faster
+of two ``model.predict`` calls in each round, and scoring / predictor is printed beside it.
 
 A third arm separates the two possible losses: the same in-memory images through the predictor
 (``KerasPredictor.predict``: resize + its model call, no files, no pool). scoring / predictor is
@@ -36,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 ARMS = {
-    "bare": "bare model.predict (decoded, resized, in memory)",
+    "bare": "bare model.predict, faster of 2 (in memory)",
     "predictor": "KerasPredictor.predict (decoded, in memory)",
     "scoring": "score_folder (files, end to end)",
     "steady": "score_folder after its first batch",
@@ -93,6 +98,9 @@ def main() -> None:
         def bare() -> None:
             model.predict(x, batch_size=batch, verbose=0)
 
+        def best_bare() -> float:
+            return min(_timed(bare), _timed(bare))
+
         def in_memory() -> None:
             for i in range(0, n, batch):
                 predictor.predict(images[i : i + batch])
@@ -117,7 +125,7 @@ def main() -> None:
         seconds: dict[str, list[float]] = {name: [] for name in ARMS}
         waits: list[float] = []
         for round_ in range(args.rounds):
-            seconds["bare"].append(_timed(bare))
+            seconds["bare"].append(best_bare())
             seconds["predictor"].append(_timed(in_memory))
             total, wait = scoring()
             seconds["scoring"].append(total)

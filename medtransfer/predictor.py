@@ -109,6 +109,14 @@ class Predictor:
     def tabular(self) -> tuple[TabularFeature, ...]:
         return self.info.tabular
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.info.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.info.channels
+
     def predict(
         self,
         images: list[np.ndarray],

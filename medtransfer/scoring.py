@@ -4,9 +4,12 @@ Decoding (GIL-bound, up to ~1 s for a large JPEG 2000 radiograph) runs in the sh
 (``medtransfer.folder_pool``): a ``spawn`` pool that imports only ``medtransfer.io``, so TensorFlow
 is never forked or loaded twice. This module adds what is particular to scoring: the main process
 predicts in batches while the workers decode the window ahead, and the rows carry probabilities.
-Uncompressed DICOM is decoded in the main process instead while that costs under a quarter of the
-model's time per file (``LocalFirst``): shipping a decoded image from a worker costs more CPU than
-decoding it (benchmarks/RESULTS.md, "Scoring"), and no compiled codec runs outside the pool.
+Each file is resized to the model's size where it is decoded (``medtransfer.io.resize``, the
+model's own resize in NumPy), so a worker sends 200 KB instead of a full radiograph and the main
+process, busy with the model, does not resize. Uncompressed DICOM is decoded in the main process
+instead while that costs under a quarter of the model's time per file (``LocalFirst``): a worker
+costs more CPU per file than the decoding itself (benchmarks/RESULTS.md, "Scoring"), and no
+compiled codec runs outside the pool.
 
 Rows are appended in crawl order to ``<out>.partial`` as each batch finishes, so a killed run loses
 at most one batch; ``resume=True`` keeps the longest valid prefix of that file and scores the rest.
@@ -43,6 +46,7 @@ from medtransfer.folder_pool import (
     describe,
 )
 from medtransfer.io import ImageReadError, is_uncompressed_dicom, load_image
+from medtransfer.io.resize import model_pixels
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -75,6 +79,8 @@ class Predictor(Protocol):
     window: str | dict
     frames: str
     tabular: Sequence[TabularFeature]
+    image_size: tuple[int, int]
+    channels: int
 
     def predict(
         self, images: list[np.ndarray], tabular: Mapping[str, Sequence[float | str]] | None = None
@@ -112,18 +118,30 @@ class ScoreSummary:
 class _Decoded(NamedTuple):
     """Worker result: plain values only, so it always pickles back to the main process."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray  # at the model's size and channels
     sop_instance_uid: str
     tags: tuple[str, ...]  # raw values of the requested DICOM tags ("" when absent)
 
 
-def _decode_file(
-    path: str, window: str | dict, frames: str, tags: tuple[str, ...], max_pixels: int | None
-) -> _Decoded:
-    """Runs in a decode worker; an ImageReadError becomes the file's error row."""
-    image = load_image(path, window=window, frames=frames, max_pixels=max_pixels)
-    values = _tag_values(path, tags) if tags else ()
-    return _Decoded(np.asarray(image.pixels, dtype=np.float32), image.sop_instance_uid, values)
+class _Decoding(NamedTuple):
+    """What a decode worker needs to know besides the file."""
+
+    window: str | dict
+    frames: str
+    size: tuple[int, int]
+    channels: int
+    tags: tuple[str, ...]
+    max_pixels: int | None
+
+
+def _decode_file(path: str, how: _Decoding) -> _Decoded:
+    """Runs in a decode worker; an ImageReadError becomes the file's error row. The image is
+    resized here, to the model's size: what crosses the pipe is 200 KB at 224 px rather than
+    the full image, and the main process, which runs the model, does not resize."""
+    image = load_image(path, window=how.window, frames=how.frames, max_pixels=how.max_pixels)
+    values = _tag_values(path, how.tags) if how.tags else ()
+    pixels = model_pixels(image.pixels, how.size, how.channels)
+    return _Decoded(pixels, image.sop_instance_uid, values)
 
 
 def _tag_values(path: str, tags: tuple[str, ...]) -> tuple[str, ...]:
@@ -167,10 +185,18 @@ def score_folder(
     root, out = check_paths(input_dir, out_csv)
     output = _output(out, predictor.class_names, resume)
     local = LocalFirst(is_uncompressed_dicom) if decode_here and workers else None
+    how = _Decoding(
+        predictor.window,
+        predictor.frames,
+        tuple(predictor.image_size),
+        predictor.channels,
+        _tags(predictor.tabular),
+        limits.max_pixels,
+    )
     pool = FolderPool(
         root,
         _decode_file,
-        (predictor.window, predictor.frames, _tags(predictor.tabular), limits.max_pixels),
+        (how,),
         workers=workers,
         expected=(ImageReadError,),
         local=local,

@@ -25,6 +25,7 @@ from PIL import Image
 
 from medtransfer.errors import MedtransferError
 from medtransfer.io import load_image
+from medtransfer.io.resize import model_pixels
 from medtransfer.scoring import WORKER_DIED, crawl, score_folder
 
 TESTS = Path(__file__).resolve().parent
@@ -46,6 +47,8 @@ class MeanPredictor:
     window = "dicom"
     frames = "first"
     tabular = ()
+    image_size = (32, 32)
+    channels = 1
 
     def __init__(self, delay_per_image: float = 0.0) -> None:
         self.delay_per_image = delay_per_image
@@ -57,8 +60,10 @@ class MeanPredictor:
 
 
 def expected_probs(path: Path) -> list[np.float32]:
+    """What the model gets: the decoded image at its size (scoring resizes as it decodes)."""
     image = load_image(path, window=MeanPredictor.window, frames=MeanPredictor.frames)
-    return list(MeanPredictor().predict([image.pixels])[0])
+    pixels = model_pixels(image.pixels, MeanPredictor.image_size, MeanPredictor.channels)
+    return list(MeanPredictor().predict([pixels])[0])
 
 
 def read_rows(out_csv: Path) -> list[dict[str, str]]:
@@ -362,11 +367,11 @@ def test_a_file_that_kills_its_worker_becomes_an_error_row(tmp_path: Path) -> No
 
 
 class FussyPredictor(MeanPredictor):
-    """Fails on 16x16 images and returns NaN for very dark ones."""
+    """Fails on one grey level (100/255) and returns NaN for very dark images."""
 
     def predict(self, images: list[np.ndarray]) -> np.ndarray:
-        if any(image.shape == (16, 16) for image in images):
-            raise ValueError("cannot take this size")
+        if any(np.allclose(image, 100 / 255) for image in images):
+            raise ValueError("cannot take this image")
         probs = super().predict(images)
         probs[[float(np.mean(image)) < 0.01 for image in images]] = np.nan
         return probs
@@ -377,11 +382,11 @@ def test_a_prediction_failure_costs_only_that_files_row(tmp_path: Path) -> None:
     folder.mkdir()
     for i in range(1, 6):
         write_png(folder / f"{i}.png", 40 * i)
-    write_png(folder / "odd_size.png", 100, size=16)
+    write_png(folder / "odd.png", 100, size=16)
     write_png(folder / "black.png", 0)
     score_folder(folder, FussyPredictor(), tmp_path / "s.csv", workers=0, progress=False)
     table = by_path(tmp_path / "s.csv")
-    assert table["odd_size.png"]["error"].startswith("prediction failed: ValueError at ")
+    assert table["odd.png"]["error"].startswith("prediction failed: ValueError at ")
     assert "not finite" in table["black.png"]["error"]
     for i in range(1, 6):
         row = table[f"{i}.png"]
@@ -420,3 +425,17 @@ def test_parquet_output_holds_the_csv_rows_typed_and_resumes(tmp_path: Path) -> 
         .reset_index(drop=True)
         .equals(table)
     )
+
+
+def test_decode_workers_send_model_size_images() -> None:
+    """A 1955x1841 radiograph crosses the pipe as the model's 32x32 input, not 14 MB of pixels,
+    and equals the model's own resize of the full image."""
+    from medtransfer.scoring import _decode_file, _Decoding
+
+    path = str(Path(__file__).resolve().parents[2] / "shared/data/dicom/corpus/RG1_J2KI.dcm")
+    how = _Decoding("dicom", "first", (32, 32), 1, (), None)
+    decoded = _decode_file(path, how)
+    full = load_image(path).pixels
+    assert full.shape == (1955, 1841) and decoded.pixels.shape == (32, 32, 1)
+    np.testing.assert_array_equal(decoded.pixels, model_pixels(full, (32, 32), 1))
+    assert decoded.sop_instance_uid == load_image(path).sop_instance_uid
