@@ -536,7 +536,9 @@ def _add_workers(parser: argparse.ArgumentParser, default: int | None = None) ->
     own, where 0 decodes in this process instead."""
     if default is None:
         parser.add_argument(
-            "--workers", type=int, help="decode processes (default: up to 4, by CPU count)"
+            "--workers",
+            type=int,
+            help="decode processes (default: one per usable core, at most 16; 0: in this process)",
         )
     else:
         parser.add_argument(
