@@ -121,6 +121,7 @@ class StandInPredictor:
     tabular: Sequence = ()
     image_size = (224, 224)
     channels = 1
+    profile = None
 
     def predict(
         self, images: list[np.ndarray], tabular: Mapping[str, Sequence] | None = None

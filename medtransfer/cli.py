@@ -262,6 +262,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         decode_here=not args.pool_only,
         limits=_decode_limits(args),
+        strict=args.strict,
     )
     print(summary)
     return summary.exit_code
@@ -692,6 +693,13 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decode uncompressed DICOM in the workers too (default: in this process while it "
         "is cheap next to the model)",
+    )
+    score.add_argument(
+        "--strict",
+        action="store_true",
+        help="do not predict files out of the model's scope (another modality or body part, a "
+        "secondary capture or localizer, colour for a greyscale model): error rows saying why "
+        "(default: predicted, and flagged in the in_scope column)",
     )
     _add_folder_run(score)
     score.set_defaults(func=cmd_score)

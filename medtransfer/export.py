@@ -28,7 +28,7 @@ from medtransfer.models.inputs import resize_images
 from medtransfer.models.layers import TemperatureScaling
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
-from medtransfer.predictor import EXPORT_INFO, ModelInfo
+from medtransfer.predictor import EXPORT_INFO, EXPORT_PROFILE, ModelInfo
 from medtransfer.rundir import THRESHOLDS_FILE, Run, RunInfo, open_run, thresholds_file_name
 from medtransfer.spec import TabularFeature
 
@@ -531,6 +531,8 @@ def _write_assets(
 ) -> dict:
     """The files beside the graph: model info, thresholds and the model card (returned)."""
     atomic.write_json(built / EXPORT_INFO, info.to_json())
+    if (profile := run.profile()) is not None:  # for scope checks where the export is scored
+        atomic.write_json(built / EXPORT_PROFILE, profile)
     if thresholds is not None:
         write_thresholds(built / EXPORT_THRESHOLDS, thresholds)
     markdown, card = model_card(info, run.info, metrics, thresholds, _run_data_summary(run))

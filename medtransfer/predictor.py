@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ from medtransfer.errors import ExportError
 from medtransfer.models.inputs import Inputs, input_count, to_model_input
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
-from medtransfer.rundir import RUN_FILE, ImagePolicy, RunInfo, is_run, open_run
+from medtransfer.rundir import PROFILE_FILE, RUN_FILE, ImagePolicy, RunInfo, is_run, open_run
 from medtransfer.spec import TabularFeature
 
 EXPORT_INFO = Path("assets.extra") / "medtransfer.json"
+EXPORT_PROFILE = Path("assets.extra") / PROFILE_FILE
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class ModelInfo:
     window: str | dict[str, float]
     frames: str
     tabular: tuple[TabularFeature, ...] = field(default=())
+    # what the training images were (medtransfer.data.profile); None for older models
+    profile: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def from_run_info(cls, info: RunInfo) -> ModelInfo:
@@ -108,6 +111,10 @@ class Predictor:
     @property
     def tabular(self) -> tuple[TabularFeature, ...]:
         return self.info.tabular
+
+    @property
+    def profile(self) -> dict[str, Any] | None:
+        return self.info.profile
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -208,7 +215,8 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
         model = load_run_model(run)
         if tta:
             model = tta_model(model, mirror=may_mirror(run.info.modality))
-        return KerasPredictor(model, ModelInfo.from_run_info(run.info), batch_size)
+        info = replace(ModelInfo.from_run_info(run.info), profile=run.profile())
+        return KerasPredictor(model, info, batch_size)
     if tta:
         raise ExportError(
             f"{source}: test-time augmentation needs the run directory (or an export made "
@@ -219,6 +227,9 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
         if not info_file.is_file():
             raise ExportError(f"{source} is a SavedModel without {EXPORT_INFO}")
         info = ModelInfo.from_json(json.loads(info_file.read_text()))
+        profile_file = source / EXPORT_PROFILE
+        if profile_file.is_file():
+            info = replace(info, profile=json.loads(profile_file.read_text()))
         return SavedModelPredictor(source, info, batch_size)
     raise ExportError(
         f"{source} is neither a run directory ({RUN_FILE}) nor an exported model (saved_model.pb)"

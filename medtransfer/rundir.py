@@ -35,6 +35,7 @@ SOURCE_MODEL_FILE = "model_source.keras"  # feature alignment: the classifier be
 LOGS_DIR = "logs"
 EVALUATION_DIR = "evaluation"
 THRESHOLDS_FILE = "thresholds.json"
+PROFILE_FILE = "profile.json"  # what the training images were (medtransfer.data.profile)
 SEEDS_FILE = "seeds.json"  # a seeds folder: one run per seed, seed_<N>/
 RUN_WEIGHTS = "run:"  # model.weights "run:DIR": start from the backbone run DIR trained
 _VERSIONED = ("medtransfer", "tensorflow", "keras", "numpy", "pydicom", "pandas", "scikit-learn")
@@ -156,6 +157,11 @@ class Run:
     def manifest(self) -> pd.DataFrame:
         """The stored manifest (path, split, hashed patient, site, label), as training split it."""
         return pd.read_csv(self.path / MANIFEST_FILE, keep_default_na=False)
+
+    def profile(self) -> dict | None:
+        """The training profile (None for a run trained before profiles were recorded)."""
+        file = self.path / PROFILE_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
 
     def kept(self, name: str) -> Path:
         """A file the run keeps from its evaluations (``evaluation/``): metrics, thresholds."""

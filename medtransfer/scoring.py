@@ -24,13 +24,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
+from medtransfer.data.profile import normalized_header
 from medtransfer.data.tabular import tolerant_values
 from medtransfer.folder_output import CsvOutput, ParquetOutput
 from medtransfer.folder_pool import (
@@ -47,6 +48,7 @@ from medtransfer.folder_pool import (
 )
 from medtransfer.io import ImageReadError, is_uncompressed_dicom, load_image
 from medtransfer.io.resize import model_pixels
+from medtransfer.scope import scope_verdict
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_COLUMNS",
+    "SCOPE_COLUMNS",
     "WORKER_DIED",
     "Predictor",
     "ScoreSummary",
@@ -64,6 +67,9 @@ __all__ = [
 ]
 
 BASE_COLUMNS = ("path", "status", "error", "sop_instance_uid")
+# What the file's header says it is, and whether the model was trained on such images (scope.py).
+SCOPE_COLUMNS = ("modality", "body_part", "in_scope")
+_LEADING = len(BASE_COLUMNS) + len(SCOPE_COLUMNS)  # the probability columns follow
 
 
 class ScoringError(FolderError):
@@ -81,6 +87,7 @@ class Predictor(Protocol):
     tabular: Sequence[TabularFeature]
     image_size: tuple[int, int]
     channels: int
+    profile: Mapping[str, Any] | None  # the training profile, for scope checks
 
     def predict(
         self, images: list[np.ndarray], tabular: Mapping[str, Sequence[float | str]] | None = None
@@ -100,6 +107,7 @@ class ScoreSummary:
     n_resumed: int
     seconds: float
     files_per_second: float
+    n_out_of_scope: int = 0  # in_scope "no: ...": not the kind of image the model was trained on
 
     @property
     def exit_code(self) -> int:
@@ -112,6 +120,11 @@ class ScoreSummary:
             f"{self.n_files} files{resumed}: {self.n_ok} ok, {self.n_error} errors. "
             f"Scored {self.n_files - self.n_resumed} in {self.seconds:.1f} s "
             f"({self.files_per_second:.1f} files/s). Wrote {self.out_csv}."
+            + (
+                f" {self.n_out_of_scope} files are out of the model's scope (see in_scope)."
+                if self.n_out_of_scope
+                else ""
+            )
         )
 
 
@@ -121,6 +134,7 @@ class _Decoded(NamedTuple):
     pixels: np.ndarray  # at the model's size and channels
     sop_instance_uid: str
     tags: tuple[str, ...]  # raw values of the requested DICOM tags ("" when absent)
+    header: dict[str, str] | None  # what the image is (normalized_header); None: not DICOM
 
 
 class _Decoding(NamedTuple):
@@ -141,7 +155,8 @@ def _decode_file(path: str, how: _Decoding) -> _Decoded:
     image = load_image(path, window=how.window, frames=how.frames, max_pixels=how.max_pixels)
     values = _tag_values(path, how.tags) if how.tags else ()
     pixels = model_pixels(image.pixels, how.size, how.channels)
-    return _Decoded(pixels, image.sop_instance_uid, values)
+    header = normalized_header(image.meta) if image.meta else None
+    return _Decoded(pixels, image.sop_instance_uid, values, header)
 
 
 def _tag_values(path: str, tags: tuple[str, ...]) -> tuple[str, ...]:
@@ -164,6 +179,7 @@ def score_folder(
     progress: bool = True,
     decode_here: bool = True,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    strict: bool = False,
 ) -> ScoreSummary:
     """Score every file under ``input_dir`` into ``out_csv`` (see the ``scores.csv`` contract).
 
@@ -176,6 +192,11 @@ def score_folder(
     ``decode_here=False`` sends every file to the workers, uncompressed DICOM too. ``limits``
     bounds what one file may cost (decode time, worker memory, pixels): a file past a limit is
     an error row saying which. Raises OutputBusyError while another run writes ``out_csv``.
+
+    Every row says what the file's header calls the image (``modality``, ``body_part``) and
+    whether the model was trained on such images (``in_scope``: ``yes``, ``no: <reasons>`` or
+    ``unknown: <why>``, from the model's training profile; ``medtransfer.scope``). Out-of-scope
+    files keep their probabilities; with ``strict`` they are error rows instead, not predicted.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
     inside ``input_dir``: it would be crawled as an input, and nothing may be written there.
     """
@@ -212,9 +233,9 @@ def score_folder(
         # to keep workers busy while the model runs, few enough to bound memory (decoded images).
         max_in_flight = 2 * (batch_size + max(workers, 1))
         decoded = pool.imap(output.pending(crawl(root)), max_in_flight)
-        for rows in _score_batches(decoded, predictor, batch_size, local):
+        for rows in _score_batches(decoded, predictor, batch_size, local, strict):
             output.write(rows)
-            counts.update(row[1] for row in rows)
+            counts.update(key for row in rows for key in _tally(row))
             bar.update(len(rows))
             bar.set_postfix(errors=counts["error"], refresh=False)
     return _summary(str(out), counts, output.kept_rows, time.monotonic() - start)
@@ -222,10 +243,10 @@ def score_folder(
 
 def _output(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
     """The scores table; a ``.parquet`` name gets Parquet with float32 probabilities."""
-    columns = [*BASE_COLUMNS, *_prob_columns(class_names)]
+    columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *_prob_columns(class_names)]
     options = {"resume": resume, "row_is_valid": _row_is_valid}
     if out.suffix.lower() == ".parquet":
-        return ParquetOutput(out, columns, float_columns=columns[len(BASE_COLUMNS) :], **options)
+        return ParquetOutput(out, columns, float_columns=columns[_LEADING:], **options)
     return CsvOutput(out, columns, **options)
 
 
@@ -235,16 +256,24 @@ def _summary(
     """Counts over the whole file, rows kept from a previous run included; the rate over the
     files this run scored."""
     totals = Counter(counts)
-    totals.update(row[1] for row in kept_rows)
+    totals.update(key for row in kept_rows for key in _tally(row))
+    scored = counts["ok"] + counts["error"]
     return ScoreSummary(
         out_csv=out_csv,
-        n_files=totals.total(),
+        n_files=totals["ok"] + totals["error"],
         n_ok=totals["ok"],
         n_error=totals["error"],
         n_resumed=len(kept_rows),
         seconds=seconds,
-        files_per_second=counts.total() / seconds if seconds else 0.0,
+        files_per_second=scored / seconds if seconds else 0.0,
+        n_out_of_scope=totals["out of scope"],
     )
+
+
+def _tally(row: Sequence[str]) -> tuple[str, ...]:
+    """What a row counts towards: its status, and being out of the model's scope."""
+    out_of_scope = row[len(BASE_COLUMNS) + 2].startswith("no:")
+    return (row[1], "out of scope") if out_of_scope else (row[1],)
 
 
 def _prob_columns(class_names: Iterable[str]) -> list[str]:
@@ -262,6 +291,7 @@ def _score_batches(
     predictor: Predictor,
     batch_size: int,
     local: LocalFirst | None,
+    strict: bool,
 ) -> Iterator[list[list[str]]]:
     """Yield rows batch by batch in crawl order; the pool keeps decoding ahead meanwhile.
 
@@ -270,7 +300,7 @@ def _score_batches(
     first = True
     while batch := list(islice(decoded, batch_size)):
         start = time.perf_counter()
-        rows = _predict_rows(batch, predictor)
+        rows = _predict_rows(batch, predictor, strict)
         if local is not None and not first:
             local.per_file_budget = (time.perf_counter() - start) / len(batch)
         first = False
@@ -282,19 +312,39 @@ def _tags(features: Sequence[TabularFeature]) -> tuple[str, ...]:
     return tuple(f.source_tag for f in features if f.source_tag)
 
 
-def _predict_rows(batch: list[Outcome[_Decoded]], predictor: Predictor) -> list[list[str]]:
-    images = [decoded.value for decoded in batch if decoded.value is not None]
+def _predict_rows(
+    batch: list[Outcome[_Decoded]], predictor: Predictor, strict: bool
+) -> list[list[str]]:
+    """One row per file. Out-of-scope files are predicted and flagged, or with ``strict``
+    not predicted: their row is an error saying why."""
+    verdicts = [
+        scope_verdict(d.value.header, predictor.profile) if d.value is not None else ""
+        for d in batch
+    ]
+    refused = [strict and verdict.startswith("no:") for verdict in verdicts]
+    images = [d.value for d, no in zip(batch, refused, strict=True) if d.value and not no]
     predictions = iter(_predict(predictor, images) if images else [])
     no_probs = [""] * len(predictor.class_names)
     rows = []
-    for decoded in batch:
-        uid = decoded.value.sop_instance_uid if decoded.value is not None else ""
-        outcome = decoded.error or next(predictions)
-        if isinstance(outcome, str):
-            rows.append([decoded.path, "error", outcome, uid, *no_probs])
+    for decoded, verdict, no in zip(batch, verdicts, refused, strict=True):
+        value = decoded.value
+        identity = [decoded.path, value.sop_instance_uid if value else ""]
+        scope = [*_kind(value.header if value else None), verdict]
+        if no:
+            outcome = f"out of scope: {verdict.removeprefix('no: ')}"
         else:
-            rows.append([decoded.path, "ok", "", uid, *map(_format_prob, outcome)])
+            outcome = decoded.error or next(predictions)
+        if isinstance(outcome, str):
+            rows.append([identity[0], "error", outcome, identity[1], *scope, *no_probs])
+        else:
+            probs = map(_format_prob, outcome)
+            rows.append([identity[0], "ok", "", identity[1], *scope, *probs])
     return rows
+
+
+def _kind(header: dict[str, str] | None) -> tuple[str, str]:
+    """The modality and body part columns: what the header says the image is."""
+    return (header["Modality"], header["BodyPartExamined"]) if header else ("", "")
 
 
 def _predict(predictor: Predictor, images: list[_Decoded]) -> list[np.ndarray | str]:
@@ -339,7 +389,7 @@ def _format_prob(value: np.float32) -> str:
 
 
 def _row_is_valid(row: list[str]) -> bool:
-    status, error, probs = row[1], row[2], row[len(BASE_COLUMNS) :]
+    status, error, probs = row[1], row[2], row[_LEADING:]
     if status == "error":
         return bool(error) and not any(probs)
     if status != "ok" or error:

@@ -48,6 +48,8 @@ ONLY: dict[str, tuple[str, ...]] = {
     "medtransfer.errors": (),
     "medtransfer.atomic": (),
     "medtransfer.privacy": (),
+    # scope rules are plain comparisons of a header with a training profile
+    "medtransfer.scope": (),
     # the spec validates names against registries and data tables, nothing more
     "medtransfer.spec": (
         "medtransfer.errors",

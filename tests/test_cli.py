@@ -21,7 +21,7 @@ from medtransfer.quickstart import write_spec
 from medtransfer.synthetic import generate_dicom_dataset
 from medtransfer.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
-from .conftest import SHARED_TOOLS
+from .conftest import SHARED_DATA, SHARED_TOOLS
 
 CLI = Path(sys.executable).parent / "medtransfer"
 
@@ -127,10 +127,16 @@ def test_scores_csv_meets_the_contract(pipeline):
         "status",
         "error",
         "sop_instance_uid",
+        "modality",
+        "body_part",
+        "in_scope",
         "prob_normal",
         "prob_finding",
     ]
     assert set(scores["status"]) == {"ok"}
+    # the data the model was trained on is in its scope
+    assert set(scores["in_scope"]) == {"yes"} and set(scores["modality"]) == {"DX"}
+    assert set(scores["body_part"]) == {"CHEST"}
     assert len(scores) == len(list(folder.rglob("*.dcm")))
     row = scores.iloc[0]
     ds = pydicom.dcmread(folder / row["path"], stop_before_pixels=True)
@@ -262,3 +268,39 @@ def test_augment_preview_writes_a_grid_and_refuses_impossible_options(tmp_path):
     )
     assert "augmentation option 'hue' needs image.channels: 3" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "b.png").exists()
+
+
+def test_the_demo_model_flags_every_mr_and_ct_of_the_corpus_out_of_scope(pipeline, tmp_path):
+    """The chest-radiograph model gives MR images a finding probability near 1; scoring must say
+    they are not what it was trained on. With --strict they are not predicted at all."""
+    corpus = SHARED_DATA / "dicom" / "corpus"
+    profile = json.loads((pipeline["export"] / "assets.extra" / "profile.json").read_text())
+    assert profile["header"]["Modality"] == {"DX": profile["images"]}
+    assert profile["header"]["BodyPartExamined"] == {"CHEST": profile["images"]}
+    scored = {}
+    for mode in ("flag", "strict"):
+        out = tmp_path / f"{mode}.csv"
+        extra = ["--strict"] if mode == "strict" else []
+        args = ["score", str(corpus), "--model", str(pipeline["export"]), "--out", str(out)]
+        run_cli(*args, "--no-progress", *extra, expect=1 if extra else 0)
+        scored[mode] = pd.read_csv(out, keep_default_na=False).set_index("path")
+    flagged, strict = scored["flag"], scored["strict"]
+    modalities = {
+        name: str(pydicom.dcmread(corpus / name, stop_before_pixels=True).get("Modality", ""))
+        for name in flagged.index
+    }
+    cross_sectional = [name for name, m in modalities.items() if m in ("MR", "CT")]
+    assert len(cross_sectional) >= 10
+    for name in cross_sectional:
+        row = flagged.loc[name]
+        if row["status"] == "error":  # an undecodable file has no verdict
+            continue
+        expected = f"no: modality {modalities[name]} (trained on DX)"
+        assert row["modality"] == modalities[name]
+        assert row["in_scope"].startswith(expected), (name, row["in_scope"])
+        assert row["prob_finding"] != ""  # flagged, still predicted
+        assert strict.loc[name, "status"] == "error" and strict.loc[name, "prob_finding"] == ""
+        assert strict.loc[name, "error"] == f"out of scope: {row['in_scope'][4:]}"
+    for name, m in modalities.items():
+        if m in ("DX", "CR") and flagged.loc[name, "status"] == "ok":
+            assert "modality" not in flagged.loc[name, "in_scope"], name

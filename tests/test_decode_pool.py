@@ -7,6 +7,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -129,6 +130,8 @@ def test_training_loads_every_split_through_one_pool(monkeypatch: pytest.MonkeyP
         "load_target_images",
         lambda spec, m, *, workers: seen.append(workers),
     )
-    training_run._load_splits(None, pd.DataFrame(), 2)
+    monkeypatch.setattr(training_run, "training_profile", lambda paths, images, seed: {})
+    spec = SimpleNamespace(training=SimpleNamespace(seed=0))
+    training_run._load_splits(spec, pd.DataFrame({"path": ["a"], "split": ["train"]}), 2)
     assert len(seen) == 3 and all(isinstance(w, DecodePool) for w in seen)
     assert seen[0] is seen[1] is seen[2] and seen[0].workers == 2

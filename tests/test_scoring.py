@@ -49,6 +49,7 @@ class MeanPredictor:
     tabular = ()
     image_size = (32, 32)
     channels = 1
+    profile = None  # no training profile: every in_scope is 'unknown'
 
     def __init__(self, delay_per_image: float = 0.0) -> None:
         self.delay_per_image = delay_per_image
@@ -158,7 +159,17 @@ def test_every_file_has_exactly_one_row_and_the_contract_holds(mixed: dict) -> N
     assert result.returncode == 0, result.stdout
     rows = read_rows(mixed["out"])
     assert [row["path"] for row in rows] == list(crawl(mixed["folder"]))
-    assert list(rows[0]) == ["path", "status", "error", "sop_instance_uid", "prob_low", "prob_high"]
+    assert list(rows[0]) == [
+        "path",
+        "status",
+        "error",
+        "sop_instance_uid",
+        "modality",
+        "body_part",
+        "in_scope",
+        "prob_low",
+        "prob_high",
+    ]
     summary = mixed["summary"]
     assert (summary.n_files, summary.n_resumed) == (len(rows), 0)
     assert summary.n_error == sum(row["status"] == "error" for row in rows) > 0

@@ -66,6 +66,7 @@ SAFE_TAGS = (
     "PhotometricInterpretation",
     "SOPClassUID",
     "SOPInstanceUID",
+    "ImageType",
     "PixelSpacing",
     "ImagerPixelSpacing",
 )

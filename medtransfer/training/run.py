@@ -28,6 +28,7 @@ from medtransfer.data.augment import Augmenter, make_augmenter
 from medtransfer.data.decode_pool import DecodePool
 from medtransfer.data.manifest import build_manifest, fingerprint
 from medtransfer.data.pipeline import load_split, make_dataset
+from medtransfer.data.profile import training_profile
 from medtransfer.data.summary import data_summary, format_data_summary
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.data.tabular import summary as tabular_summary
@@ -42,6 +43,7 @@ from medtransfer.rundir import (
     LOGS_DIR,
     MANIFEST_FILE,
     MODEL_FILE,
+    PROFILE_FILE,
     RUN_FILE,
     SPEC_FILE,
     ImagePolicy,
@@ -120,6 +122,7 @@ def _train(
         summary = data_summary(manifest, spec.classes)
         print(format_data_summary(summary, spec.classes, spec.task), flush=True)
     splits = _load_splits(spec, manifest, workers)
+    atomic.write_json(out / PROFILE_FILE, splits.profile)
     if checkpoint is None:
         atomic.write_text(out / SPEC_FILE, dump_spec(spec))
         atomic.write_text(out / MANIFEST_FILE, manifest_for_run(manifest).to_csv(index=False))
@@ -204,6 +207,7 @@ class _Splits(NamedTuple):
     train: tuple[Inputs, np.ndarray]
     val: tuple[Inputs, np.ndarray]
     target: np.ndarray | None  # unlabelled target-site images, for domain adaptation
+    profile: dict[str, Any]  # what the training images were (medtransfer.data.profile)
 
 
 def _load_splits(spec: Spec, manifest: pd.DataFrame, workers: int | None) -> _Splits:
@@ -215,7 +219,10 @@ def _load_splits(spec: Spec, manifest: pd.DataFrame, workers: int | None) -> _Sp
         train_xy = load_split(spec, labelled, "train", workers=pool)
         val_xy = load_split(spec, domain.validation_rows(spec, manifest), "val", workers=pool)
         target = domain.load_target_images(spec, manifest, workers=pool)
-    return _Splits(train_xy, val_xy, target)
+    train_paths = labelled.loc[labelled["split"] == "train", "path"].tolist()
+    images = train_xy[0]["image"] if isinstance(train_xy[0], dict) else train_xy[0]
+    profile = training_profile(train_paths, images, seed=spec.training.seed)
+    return _Splits(train_xy, val_xy, target, profile)
 
 
 def _run_info(

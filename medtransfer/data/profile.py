@@ -1,0 +1,113 @@
+"""What a model was trained on: the training profile that scope checks compare new images with.
+
+A model meets images it was never meant for (another modality, another body part, a scout, a
+screenshot), and nothing in its probabilities says so: the quickstart's chest-radiograph model
+gives MR images a "finding" probability of 0.999. So a run records, from its training split,
+what its images were: the DICOM header values that say what an image is, the sizes and pixel
+spacings, and the intensity quantiles of the model's inputs. The profile travels with the run
+(``profile.json``) and the export (``assets.extra/profile.json``). It holds counts and ranges
+only: no paths, no UIDs, nothing about a patient.
+
+This module imports neither TensorFlow nor Keras: scoring's decode workers use
+``normalized_header``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+PROFILE_VERSION = 1
+# What an image is, as its header says; compared with the training profile when scoring.
+KIND_TAGS = (
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "SOPClassUID",
+    "ImageType",
+)
+SIZE_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing")
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+_MAX_PIXELS_SAMPLED = 2_000_000  # intensity quantiles from a fixed-seed sample of this many
+
+
+def normalized_header(values: Mapping[str, Any]) -> dict[str, str]:
+    """The kind tags as comparable text: stripped, upper-case, multi-values joined by ``\\``
+    ("" when absent). The same function reads training files and scored files."""
+    out = {}
+    for tag in KIND_TAGS:
+        value = values.get(tag)
+        if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+            text = "\\".join(str(v).strip() for v in value)
+        else:
+            text = "" if value is None else str(value).strip()
+        out[tag] = text if tag == "SOPClassUID" else text.upper()
+    return out
+
+
+def read_header(path: str) -> dict[str, Any] | None:
+    """The kind and size tags of a DICOM file, or None for anything else (a PNG, an npz row)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*KIND_TAGS, *SIZE_TAGS])
+    except (InvalidDicomError, OSError, ValueError, EOFError, TypeError):
+        return None
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+        return None
+    return {tag: ds.get(tag) for tag in (*KIND_TAGS, *SIZE_TAGS)}
+
+
+def training_profile(paths: Sequence[str], images: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """The profile of the training split: ``paths`` and their model-ready ``images``."""
+    headers = [read_header(path) for path in paths]
+    dicom = [header for header in headers if header is not None]
+    kinds = [normalized_header(header) for header in dicom]
+    return {
+        "version": PROFILE_VERSION,
+        "images": len(paths),
+        "dicom_images": len(dicom),
+        "header": {tag: _counts(kind[tag] for kind in kinds) for tag in KIND_TAGS},
+        "size": {
+            "rows": _range(header.get("Rows") for header in dicom),
+            "columns": _range(header.get("Columns") for header in dicom),
+            "pixel_spacing_mm": _range(_spacing(header) for header in dicom),
+        },
+        "intensity": _intensity(images, seed),
+    }
+
+
+def _counts(values) -> dict[str, int]:
+    return dict(sorted(Counter(v for v in values if v).items()))
+
+
+def _range(values) -> list[float] | None:
+    numbers = [float(v) for v in values if v not in (None, "")]
+    return [min(numbers), max(numbers)] if numbers else None
+
+
+def _spacing(header: Mapping[str, Any]) -> float | None:
+    spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
+    try:
+        return float(spacing[0]) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _intensity(images: np.ndarray, seed: int) -> dict[str, Any]:
+    """Quantiles of the model's input pixels and of the per-image means ([0, 1] scale)."""
+    if len(images) == 0:
+        return {"quantiles": QUANTILES, "pixels": None, "image_means": None}
+    flat = images.reshape(-1)
+    if flat.size > _MAX_PIXELS_SAMPLED:
+        flat = np.random.default_rng(seed).choice(flat, _MAX_PIXELS_SAMPLED, replace=False)
+    means = images.reshape(len(images), -1).mean(axis=1)
+    return {
+        "quantiles": list(QUANTILES),
+        "pixels": [round(float(q), 6) for q in np.quantile(flat, QUANTILES)],
+        "image_means": [round(float(q), 6) for q in np.quantile(means, QUANTILES)],
+    }
