@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -639,3 +641,25 @@ def test_jpeg_ls_is_read_by_charls_with_libjpeg_s_pixels(
     monkeypatch.setattr(dicom_module, "_as_array", libjpeg_only)
     assert np.array_equal(read_dicom(CORPUS / name).pixels, fast)
     assert asked == ["pyjpegls", "pyjpegls", ""]
+
+
+def test_pydicom_messages_never_reach_the_applications_log() -> None:
+    """bad_sequence.dcm makes pydicom warn with an element's value; an application that sends
+    its root logger to files must not receive it (values can be names or IDs)."""
+    received: list[logging.LogRecord] = []
+
+    class Application(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            received.append(record)
+
+    root, handler = logging.getLogger(), Application(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = load_image(CORPUS / "bad_sequence.dcm")
+            logging.getLogger("medtransfer.test").warning("the application's own message")
+    finally:
+        root.removeHandler(handler)
+    assert image.pixels.size > 0
+    assert [r.name for r in received] == ["medtransfer.test"]
