@@ -34,6 +34,8 @@ bench: venv
 	$(BIN)/python benchmarks/scoring_memory.py
 	$(BIN)/python benchmarks/training_overhead.py
 	$(BIN)/python benchmarks/augment_throughput.py
+	$(BIN)/medtransfer train --spec data_specs/breastmnist.yaml --out benchmarks/out/ood_breast --overwrite
+	$(BIN)/python benchmarks/ood_detection.py --run benchmarks/out/ood_breast
 
 # JupyterLab on top of the project's environment, from its own pins (requirements.lock unchanged).
 # Extra server options: make notebook JUPYTER_ARGS="--no-browser --port 8890"

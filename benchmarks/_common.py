@@ -122,6 +122,12 @@ class StandInPredictor:
     image_size = (224, 224)
     channels = 1
     profile = None
+    ood_validation = None
+
+    def predict_with_ood(
+        self, images: list[np.ndarray], tabular: Mapping[str, Sequence] | None = None
+    ) -> tuple[np.ndarray, None]:
+        return self.predict(images, tabular), None
 
     def predict(
         self, images: list[np.ndarray], tabular: Mapping[str, Sequence] | None = None

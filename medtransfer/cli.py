@@ -263,6 +263,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         decode_here=not args.pool_only,
         limits=_decode_limits(args),
         strict=args.strict,
+        ood_percentile=args.ood_percentile,
     )
     print(summary)
     return summary.exit_code
@@ -700,6 +701,14 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
         help="do not predict files out of the model's scope (another modality or body part, a "
         "secondary capture or localizer, colour for a greyscale model): error rows saying why "
         "(default: predicted, and flagged in the in_scope column)",
+    )
+    score.add_argument(
+        "--ood-percentile",
+        type=float,
+        default=99.0,
+        metavar="P",
+        help="flag a file out of scope when its OOD score is at or above this percentile of the "
+        "validation images' scores (default: %(default)g)",
     )
     _add_folder_run(score)
     score.set_defaults(func=cmd_score)

@@ -26,9 +26,10 @@ from medtransfer.errors import DegenerateModelWarning, ExportError
 from medtransfer.evaluation.thresholds import read_thresholds, thresholds_for_json, write_thresholds
 from medtransfer.models.inputs import resize_images
 from medtransfer.models.layers import TemperatureScaling
+from medtransfer.models.ood import with_ood_score
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
-from medtransfer.predictor import EXPORT_INFO, EXPORT_PROFILE, ModelInfo
+from medtransfer.predictor import EXPORT_INFO, EXPORT_OOD, EXPORT_PROFILE, ModelInfo
 from medtransfer.rundir import THRESHOLDS_FILE, Run, RunInfo, open_run, thresholds_file_name
 from medtransfer.spec import TabularFeature
 
@@ -59,8 +60,14 @@ def _decode_png(size: tuple[int, int], channels: int):
     return decode
 
 
-def build_archive(model: keras.Model, info: ModelInfo) -> keras.export.ExportArchive:
-    """The export archive with both signatures; kept separate so tests can inspect it."""
+def build_archive(
+    model: keras.Model, info: ModelInfo, ood_reference: dict | None = None
+) -> keras.export.ExportArchive:
+    """The export archive with both signatures; kept separate so tests can inspect it. With an
+    ``ood_reference`` both also output ``ood_score`` (``medtransfer.models.ood``), computed
+    from the same pass as the probabilities."""
+    if ood_reference is not None:
+        model = with_ood_score(model, ood_reference["mean"], ood_reference["precision"])
     classes = tf.constant(info.class_names)
     size, channels = tuple(info.image_size), info.channels
     tabular_specs = [
@@ -75,9 +82,10 @@ def build_archive(model: keras.Model, info: ModelInfo) -> keras.export.ExportArc
                 f.name: value[:, None] for f, value in zip(info.tabular, tabular, strict=True)
             }
             inputs = {"image": images, **columns}
-        probabilities = model(inputs, training=False)
-        names = tf.tile(classes[None, :], [tf.shape(probabilities)[0], 1])
-        return {"probabilities": probabilities, "class_names": names}
+        outputs = model(inputs, training=False)
+        scored = outputs if isinstance(outputs, dict) else {"probabilities": outputs}
+        names = tf.tile(classes[None, :], [tf.shape(scored["probabilities"])[0], 1])
+        return {**scored, "class_names": names}
 
     def serve_image(image: tf.Tensor, *tabular: tf.Tensor) -> dict[str, tf.Tensor]:
         return predict(image, tabular)
@@ -507,7 +515,12 @@ def export_model(
         if calibrate:
             model, thresholds = calibrated(model, thresholds, info.task)
         built = staging / "model"
-        build_archive(model, info).write_out(str(built), verbose=False)
+        # a TTA or calibrated graph's output is not the one pass the features describe
+        reference = None if tta or calibrate else run.ood_reference()
+        build_archive(model, info, reference).write_out(str(built), verbose=False)
+        if reference is not None:
+            scores = [round(float(v), 6) for v in reference["validation_scores"]]
+            atomic.write_json(built / EXPORT_OOD, {"validation_scores": scores})
         card = _write_assets(built, run, info, metrics, thresholds, tta=tta, calibrate=calibrate)
         if target.exists():
             shutil.rmtree(target)
@@ -549,6 +562,13 @@ def _write_assets(
             "fitted on the validation split; thresholds mapped to the calibrated scale"
         )
         markdown += f"\n## Calibration\n{card['calibration']}\n"
+    if (built / EXPORT_OOD).is_file():
+        card["outputs"]["ood_score"] = (
+            "float32 [batch]: Mahalanobis distance of the image's pooled features to the training "
+            "images'; read it as a percentile of assets.extra/ood_validation.json (validation "
+            "images); at or above the 99th, the image is unlike what the model was trained on"
+        )
+        markdown += f"\n## Out-of-distribution score\n`ood_score`: {card['outputs']['ood_score']}\n"
     atomic.write_text(built / "model_card.md", markdown)
     atomic.write_json(built / "model_card.json", card)
     return card

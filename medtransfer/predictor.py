@@ -18,6 +18,7 @@ import tensorflow as tf
 from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
 from medtransfer.models.inputs import Inputs, input_count, to_model_input
+from medtransfer.models.ood import with_ood_score
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
 from medtransfer.rundir import PROFILE_FILE, RUN_FILE, ImagePolicy, RunInfo, is_run, open_run
@@ -25,6 +26,7 @@ from medtransfer.spec import TabularFeature
 
 EXPORT_INFO = Path("assets.extra") / "medtransfer.json"
 EXPORT_PROFILE = Path("assets.extra") / PROFILE_FILE
+EXPORT_OOD = Path("assets.extra") / "ood_validation.json"  # the validation OOD scores
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class ModelInfo:
     tabular: tuple[TabularFeature, ...] = field(default=())
     # what the training images were (medtransfer.data.profile); None for older models
     profile: dict[str, Any] | None = field(default=None, compare=False)
+    # the validation images' sorted OOD scores (medtransfer.models.ood); None: no OOD score
+    ood_validation: np.ndarray | None = field(default=None, compare=False)
 
     @classmethod
     def from_run_info(cls, info: RunInfo) -> ModelInfo:
@@ -124,6 +128,11 @@ class Predictor:
     def channels(self) -> int:
         return self.info.channels
 
+    @property
+    def ood_validation(self) -> np.ndarray | None:
+        """The validation images' sorted OOD scores (None: the model computes none)."""
+        return self.info.ood_validation
+
     def predict(
         self,
         images: list[np.ndarray],
@@ -134,27 +143,41 @@ class Predictor:
         A model with tabular inputs takes their parsed values (``medtransfer.data.tabular``)
         as ``tabular``, one sequence per feature name; a feature left out is missing.
         """
+        return self.predict_with_ood(images, tabular)[0]
+
+    def predict_with_ood(
+        self,
+        images: list[np.ndarray],
+        tabular: Mapping[str, Sequence[float | str]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict``, and each image's OOD score from the same pass (``medtransfer.models.ood``;
+        None when the model has no OOD reference)."""
         batch = to_model_input(images, self.info.image_size, self.info.channels)
         if not self.tabular:
-            return self.predict_batch(batch)
+            return self._in_chunks(batch)
         given = tabular or {}
         blank = {
             f.name: [np.nan if f.type == "numeric" else ""] * len(images) for f in self.tabular
         }
-        return self.predict_batch(
-            {"image": batch, **model_inputs(blank | dict(given), self.tabular)}
-        )
+        return self._in_chunks({"image": batch, **model_inputs(blank | dict(given), self.tabular)})
 
     def predict_batch(self, batch: Inputs) -> np.ndarray:
         """Model-ready inputs ([N, H, W, C] images, or named arrays with tabular features) ->
         [N, K] probabilities, in chunks of batch_size."""
-        out = [
+        return self._in_chunks(batch)[0]
+
+    def _in_chunks(self, batch: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
+        parts = [
             self._predict_chunk(_rows(batch, slice(i, i + self.batch_size)))
             for i in range(0, input_count(batch), self.batch_size)
         ]
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+        if not parts:
+            return np.zeros((0, len(self.class_names)), np.float32), None
+        scores = [ood for _, ood in parts]
+        ood = None if scores[0] is None else np.concatenate(scores)
+        return np.concatenate([probs for probs, _ in parts]), ood
 
-    def _predict_chunk(self, chunk: Inputs) -> np.ndarray:
+    def _predict_chunk(self, chunk: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
 
@@ -170,20 +193,36 @@ class KerasPredictor(Predictor):
     ``reduce_retracing`` makes a second batch size (the last, shorter chunk) trace once with an
     open batch dimension that then serves every size."""
 
-    def __init__(self, model, info: ModelInfo, batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        info: ModelInfo,
+        batch_size: int = 32,
+        ood_reference: Mapping[str, np.ndarray] | None = None,
+    ):
+        if ood_reference is not None:
+            info = replace(info, ood_validation=ood_reference["validation_scores"])
         super().__init__(info, batch_size)
         self.model = model
+        self._scoring = (
+            model
+            if ood_reference is None
+            else with_ood_score(model, ood_reference["mean"], ood_reference["precision"])
+        )
         self._call = tf.function(self._inference, reduce_retracing=True)
 
-    def _inference(self, inputs: Inputs) -> tf.Tensor:
-        return self.model(inputs, training=False)
+    def _inference(self, inputs: Inputs):
+        return self._scoring(inputs, training=False)
 
-    def _predict_chunk(self, chunk: Inputs) -> np.ndarray:
+    def _predict_chunk(self, chunk: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
         if isinstance(chunk, dict):  # strings need TensorFlow tensors (numpy ones are objects)
             chunk = {name: tf.constant(values) for name, values in chunk.items()}
         else:
             chunk = tf.constant(chunk)
-        return self._call(chunk).numpy()
+        out = self._call(chunk)
+        if isinstance(out, dict):
+            return out["probabilities"].numpy(), out["ood_score"].numpy()
+        return out.numpy(), None
 
 
 class SavedModelPredictor(Predictor):
@@ -195,12 +234,14 @@ class SavedModelPredictor(Predictor):
         self._loaded = tf.saved_model.load(str(path))
         self._serve = self._loaded.signatures["serving_default"]
 
-    def _predict_chunk(self, chunk: Inputs) -> np.ndarray:
+    def _predict_chunk(self, chunk: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
         named = chunk if isinstance(chunk, dict) else {"image": chunk}
         arguments = {"image": tf.constant(named["image"], tf.float32)}
         for feature in self.tabular:
             arguments[feature.name] = tf.constant(named[feature.name].reshape(-1))
-        return self._serve(**arguments)["probabilities"].numpy()
+        out = self._serve(**arguments)
+        ood = out["ood_score"].numpy() if "ood_score" in out else None
+        return out["probabilities"].numpy(), ood
 
 
 def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False) -> Predictor:
@@ -216,7 +257,9 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
         if tta:
             model = tta_model(model, mirror=may_mirror(run.info.modality))
         info = replace(ModelInfo.from_run_info(run.info), profile=run.profile())
-        return KerasPredictor(model, info, batch_size)
+        # TTA averages views, so one view's features would not describe its output
+        reference = None if tta else run.ood_reference()
+        return KerasPredictor(model, info, batch_size, ood_reference=reference)
     if tta:
         raise ExportError(
             f"{source}: test-time augmentation needs the run directory (or an export made "
@@ -230,6 +273,10 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
         profile_file = source / EXPORT_PROFILE
         if profile_file.is_file():
             info = replace(info, profile=json.loads(profile_file.read_text()))
+        ood_file = source / EXPORT_OOD
+        if ood_file.is_file():
+            scores = json.loads(ood_file.read_text())["validation_scores"]
+            info = replace(info, ood_validation=np.asarray(scores, np.float32))
         return SavedModelPredictor(source, info, batch_size)
     raise ExportError(
         f"{source} is neither a run directory ({RUN_FILE}) nor an exported model (saved_model.pb)"

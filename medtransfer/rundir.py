@@ -36,6 +36,7 @@ LOGS_DIR = "logs"
 EVALUATION_DIR = "evaluation"
 THRESHOLDS_FILE = "thresholds.json"
 PROFILE_FILE = "profile.json"  # what the training images were (medtransfer.data.profile)
+OOD_FILE = "ood_reference.npz"  # feature mean, precision, validation scores (models/ood.py)
 SEEDS_FILE = "seeds.json"  # a seeds folder: one run per seed, seed_<N>/
 RUN_WEIGHTS = "run:"  # model.weights "run:DIR": start from the backbone run DIR trained
 _VERSIONED = ("medtransfer", "tensorflow", "keras", "numpy", "pydicom", "pandas", "scikit-learn")
@@ -162,6 +163,14 @@ class Run:
         """The training profile (None for a run trained before profiles were recorded)."""
         file = self.path / PROFILE_FILE
         return json.loads(file.read_text()) if file.is_file() else None
+
+    def ood_reference(self) -> dict[str, np.ndarray] | None:
+        """The OOD reference (``medtransfer.models.ood``), or None for a run without one."""
+        file = self.path / OOD_FILE
+        if not file.is_file():
+            return None
+        with np.load(file, allow_pickle=False) as stored:
+            return {name: stored[name] for name in stored.files}
 
     def kept(self, name: str) -> Path:
         """A file the run keeps from its evaluations (``evaluation/``): metrics, thresholds."""

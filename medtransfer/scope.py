@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 IN_SCOPE = "yes"
 NO_PROFILE = "unknown: the model has no training profile (trained before medtransfer recorded one)"
 NO_HEADER = "unknown: not a DICOM file, so its modality and body part cannot be checked"
@@ -95,3 +97,11 @@ def _colour(value: str, seen: Mapping[str, int]) -> str:
     if value not in _COLOUR or not seen or any(s in _COLOUR for s in seen):
         return ""
     return f"colour image ({value}), trained on greyscale"
+
+
+def percentiles(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each score's percentile among the (sorted) validation ``reference`` scores: the share,
+    in percent, of validation images that lie closer to the training features."""
+    if len(reference) == 0:
+        return np.full(len(scores), np.nan)
+    return 100.0 * np.searchsorted(reference, scores, side="right") / len(reference)

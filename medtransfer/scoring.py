@@ -48,7 +48,7 @@ from medtransfer.folder_pool import (
 )
 from medtransfer.io import ImageReadError, is_uncompressed_dicom, load_image
 from medtransfer.io.resize import model_pixels
-from medtransfer.scope import scope_verdict
+from medtransfer.scope import percentiles, scope_verdict
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -67,8 +67,10 @@ __all__ = [
 ]
 
 BASE_COLUMNS = ("path", "status", "error", "sop_instance_uid")
-# What the file's header says it is, and whether the model was trained on such images (scope.py).
-SCOPE_COLUMNS = ("modality", "body_part", "in_scope")
+# What the file's header says it is, whether the model was trained on such images (scope.py),
+# and how far its features lie from the training images' (models/ood.py).
+SCOPE_COLUMNS = ("modality", "body_part", "in_scope", "ood_score", "ood_percentile")
+DEFAULT_OOD_PERCENTILE = 99.0  # flag scores above this percentile of the validation images
 _LEADING = len(BASE_COLUMNS) + len(SCOPE_COLUMNS)  # the probability columns follow
 
 
@@ -88,6 +90,13 @@ class Predictor(Protocol):
     image_size: tuple[int, int]
     channels: int
     profile: Mapping[str, Any] | None  # the training profile, for scope checks
+    ood_validation: np.ndarray | None  # validation images' sorted OOD scores (None: no OOD)
+
+    def predict_with_ood(
+        self, images: list[np.ndarray], tabular: Mapping[str, Sequence[float | str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict`` and each image's OOD score (None when the model computes none)."""
+        ...
 
     def predict(
         self, images: list[np.ndarray], tabular: Mapping[str, Sequence[float | str]] | None = None
@@ -180,6 +189,7 @@ def score_folder(
     decode_here: bool = True,
     limits: DecodeLimits = DEFAULT_LIMITS,
     strict: bool = False,
+    ood_percentile: float = DEFAULT_OOD_PERCENTILE,
 ) -> ScoreSummary:
     """Score every file under ``input_dir`` into ``out_csv`` (see the ``scores.csv`` contract).
 
@@ -195,8 +205,11 @@ def score_folder(
 
     Every row says what the file's header calls the image (``modality``, ``body_part``) and
     whether the model was trained on such images (``in_scope``: ``yes``, ``no: <reasons>`` or
-    ``unknown: <why>``, from the model's training profile; ``medtransfer.scope``). Out-of-scope
-    files keep their probabilities; with ``strict`` they are error rows instead, not predicted.
+    ``unknown: <why>``, from the model's training profile; ``medtransfer.scope``), and, for a
+    model with an OOD reference, ``ood_score`` (the Mahalanobis distance of its features to the
+    training images') with its percentile among the validation images' scores: at or above
+    ``ood_percentile`` the file is out of scope too. Out-of-scope files keep their
+    probabilities; with ``strict`` they are error rows instead.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
     inside ``input_dir``: it would be crawled as an input, and nothing may be written there.
     """
@@ -223,6 +236,7 @@ def score_folder(
         local=local,
         limits=limits,
     )
+    scope = _Scope(strict, ood_percentile)
     counts: Counter[str] = Counter()
     with (
         output,
@@ -233,7 +247,7 @@ def score_folder(
         # to keep workers busy while the model runs, few enough to bound memory (decoded images).
         max_in_flight = 2 * (batch_size + max(workers, 1))
         decoded = pool.imap(output.pending(crawl(root)), max_in_flight)
-        for rows in _score_batches(decoded, predictor, batch_size, local, strict):
+        for rows in _score_batches(decoded, predictor, batch_size, local, scope):
             output.write(rows)
             counts.update(key for row in rows for key in _tally(row))
             bar.update(len(rows))
@@ -246,7 +260,8 @@ def _output(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
     columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *_prob_columns(class_names)]
     options = {"resume": resume, "row_is_valid": _row_is_valid}
     if out.suffix.lower() == ".parquet":
-        return ParquetOutput(out, columns, float_columns=columns[_LEADING:], **options)
+        floats = ["ood_score", "ood_percentile", *columns[_LEADING:]]
+        return ParquetOutput(out, columns, float_columns=floats, **options)
     return CsvOutput(out, columns, **options)
 
 
@@ -291,7 +306,7 @@ def _score_batches(
     predictor: Predictor,
     batch_size: int,
     local: LocalFirst | None,
-    strict: bool,
+    scope: _Scope,
 ) -> Iterator[list[list[str]]]:
     """Yield rows batch by batch in crawl order; the pool keeps decoding ahead meanwhile.
 
@@ -300,7 +315,7 @@ def _score_batches(
     first = True
     while batch := list(islice(decoded, batch_size)):
         start = time.perf_counter()
-        rows = _predict_rows(batch, predictor, strict)
+        rows = _predict_rows(batch, predictor, scope)
         if local is not None and not first:
             local.per_file_budget = (time.perf_counter() - start) / len(batch)
         first = False
@@ -312,34 +327,66 @@ def _tags(features: Sequence[TabularFeature]) -> tuple[str, ...]:
     return tuple(f.source_tag for f in features if f.source_tag)
 
 
+class _Scope(NamedTuple):
+    """How out-of-scope files are treated: ``strict`` leaves them unpredicted; an OOD score at
+    or above the ``ood_percentile`` of the validation images' flags a file."""
+
+    strict: bool
+    ood_percentile: float
+
+
+class _Prediction(NamedTuple):
+    probs: np.ndarray
+    ood: float | None
+
+
 def _predict_rows(
-    batch: list[Outcome[_Decoded]], predictor: Predictor, strict: bool
+    batch: list[Outcome[_Decoded]], predictor: Predictor, scope: _Scope
 ) -> list[list[str]]:
     """One row per file. Out-of-scope files are predicted and flagged, or with ``strict``
-    not predicted: their row is an error saying why."""
+    error rows saying why (those the header rules out are not even predicted)."""
     verdicts = [
         scope_verdict(d.value.header, predictor.profile) if d.value is not None else ""
         for d in batch
     ]
-    refused = [strict and verdict.startswith("no:") for verdict in verdicts]
+    refused = [scope.strict and verdict.startswith("no:") for verdict in verdicts]
     images = [d.value for d, no in zip(batch, refused, strict=True) if d.value and not no]
     predictions = iter(_predict(predictor, images) if images else [])
-    no_probs = [""] * len(predictor.class_names)
-    rows = []
-    for decoded, verdict, no in zip(batch, verdicts, refused, strict=True):
-        value = decoded.value
-        identity = [decoded.path, value.sop_instance_uid if value else ""]
-        scope = [*_kind(value.header if value else None), verdict]
-        if no:
-            outcome = f"out of scope: {verdict.removeprefix('no: ')}"
-        else:
-            outcome = decoded.error or next(predictions)
-        if isinstance(outcome, str):
-            rows.append([identity[0], "error", outcome, identity[1], *scope, *no_probs])
-        else:
-            probs = map(_format_prob, outcome)
-            rows.append([identity[0], "ok", "", identity[1], *scope, *probs])
-    return rows
+    return [
+        _row(decoded, verdict, decoded.error or ("" if no else next(predictions)), predictor, scope)
+        for decoded, verdict, no in zip(batch, verdicts, refused, strict=True)
+    ]
+
+
+def _row(
+    decoded: Outcome[_Decoded],
+    verdict: str,
+    outcome: _Prediction | str,
+    predictor: Predictor,
+    scope: _Scope,
+) -> list[str]:
+    """``outcome``: the prediction, an error message, or "" for a file refused unpredicted."""
+    value = decoded.value
+    identity = (decoded.path, value.sop_instance_uid if value else "")
+    ood = ["", ""]
+    if isinstance(outcome, _Prediction) and outcome.ood is not None:
+        reference = predictor.ood_validation
+        percentile = float(percentiles(np.array([outcome.ood]), reference)[0])
+        ood = [_format_prob(np.float32(outcome.ood)), f"{percentile:.1f}"]
+        if percentile >= scope.ood_percentile:
+            reason = (
+                f"features unlike the training images (OOD percentile {percentile:.1f}, "
+                f"flagged from {scope.ood_percentile:g})"
+            )
+            verdict = f"{verdict}; {reason}" if verdict.startswith("no:") else f"no: {reason}"
+    if not decoded.error and scope.strict and verdict.startswith("no:"):
+        outcome = f"out of scope: {verdict.removeprefix('no: ')}"
+    scope_cells = [*_kind(value.header if value else None), verdict, *ood]
+    if isinstance(outcome, str):
+        no_probs = [""] * len(predictor.class_names)
+        return [identity[0], "error", outcome, identity[1], *scope_cells, *no_probs]
+    probs = map(_format_prob, outcome.probs)
+    return [identity[0], "ok", "", identity[1], *scope_cells, *probs]
 
 
 def _kind(header: dict[str, str] | None) -> tuple[str, str]:
@@ -347,19 +394,22 @@ def _kind(header: dict[str, str] | None) -> tuple[str, str]:
     return (header["Modality"], header["BodyPartExamined"]) if header else ("", "")
 
 
-def _predict(predictor: Predictor, images: list[_Decoded]) -> list[np.ndarray | str]:
-    """Probabilities or an error message per image. A batch that fails is retried image by image,
+def _predict(predictor: Predictor, images: list[_Decoded]) -> list[_Prediction | str]:
+    """A prediction or an error message per image. A batch that fails is retried image by image,
     so one image the model cannot take only costs its own row."""
     try:
-        probs = _predict_array(predictor, images)
+        probs, ood = _predict_array(predictor, images)
     except Exception as exc:
         if len(images) == 1:
             return [f"prediction failed: {describe(exc)}"]
         return [outcome for image in images for outcome in _predict(predictor, [image])]
-    return [_check_probs(p) for p in probs]
+    scores = [None] * len(probs) if ood is None else [float(v) for v in ood]
+    return [_check(_Prediction(p, score)) for p, score in zip(probs, scores, strict=True)]
 
 
-def _predict_array(predictor: Predictor, images: list[_Decoded]) -> np.ndarray:
+def _predict_array(
+    predictor: Predictor, images: list[_Decoded]
+) -> tuple[np.ndarray, np.ndarray | None]:
     pixels = [image.pixels for image in images]
     if predictor.tabular:
         tagged = [f for f in predictor.tabular if f.source_tag]
@@ -367,19 +417,20 @@ def _predict_array(predictor: Predictor, images: list[_Decoded]) -> np.ndarray:
             feature.name: tolerant_values([image.tags[i] for image in images], feature)
             for i, feature in enumerate(tagged)
         }
-        probs = predictor.predict(pixels, tabular)  # features without a tag: missing
+        probs, ood = predictor.predict_with_ood(pixels, tabular)  # untagged features: missing
     else:
-        probs = predictor.predict(pixels)
+        probs, ood = predictor.predict_with_ood(pixels)
     probs = np.asarray(probs, dtype=np.float32)
     expected = (len(images), len(predictor.class_names))
     if probs.shape != expected:
         raise ValueError(f"predictor returned shape {probs.shape}, expected {expected}")
-    return probs
+    return probs, ood
 
 
-def _check_probs(probs: np.ndarray) -> np.ndarray | str:
+def _check(prediction: _Prediction) -> _Prediction | str:
+    probs = prediction.probs
     if np.all(np.isfinite(probs)) and np.all((probs >= 0) & (probs <= 1)):
-        return probs
+        return prediction
     return "model returned probabilities that are not finite numbers in [0, 1]"
 
 

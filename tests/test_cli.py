@@ -126,9 +126,12 @@ def test_scores_csv_meets_the_contract(pipeline):
     # the column order itself is pinned in tests/test_scoring.py
     assert list(scores.columns) == [*BASE_COLUMNS, *SCOPE_COLUMNS, "prob_normal", "prob_finding"]
     assert set(scores["status"]) == {"ok"}
-    # the data the model was trained on is in its scope
-    assert set(scores["in_scope"]) == {"yes"} and set(scores["modality"]) == {"DX"}
-    assert set(scores["body_part"]) == {"CHEST"}
+    # the data the model was trained on is in its scope by its header; a few images may lie
+    # further from the training features than the validation images did
+    header_ok = scores["in_scope"].str.match(r"^(yes|no: features unlike the training images)")
+    assert header_ok.all() and (scores["in_scope"] == "yes").mean() > 0.8
+    assert set(scores["modality"]) == {"DX"} and set(scores["body_part"]) == {"CHEST"}
+    assert (scores["ood_score"] > 0).all() and scores["ood_percentile"].between(0, 100).all()
     assert len(scores) == len(list(folder.rglob("*.dcm")))
     row = scores.iloc[0]
     ds = pydicom.dcmread(folder / row["path"], stop_before_pixels=True)
@@ -292,7 +295,27 @@ def test_the_demo_model_flags_every_mr_and_ct_of_the_corpus_out_of_scope(pipelin
         assert row["in_scope"].startswith(expected), (name, row["in_scope"])
         assert row["prob_finding"] != ""  # flagged, still predicted
         assert strict.loc[name, "status"] == "error" and strict.loc[name, "prob_finding"] == ""
-        assert strict.loc[name, "error"] == f"out of scope: {row['in_scope'][4:]}"
+        assert strict.loc[name, "error"].startswith(f"out of scope: {expected[4:]}")
+        assert strict.loc[name, "ood_score"] == ""  # refused by its header: never predicted
     for name, m in modalities.items():
         if m in ("DX", "CR") and flagged.loc[name, "status"] == "ok":
             assert "modality" not in flagged.loc[name, "in_scope"], name
+
+
+def test_run_and_export_give_the_same_ood_scores(pipeline, tmp_path):
+    """The OOD score is computed in the exported graph (TF Serving users get it) and equals the
+    run directory's; the export carries the validation scores its percentiles are read from."""
+    run, export = pipeline["run"], pipeline["export"]
+    with np.load(run / "ood_reference.npz") as reference:
+        validation = reference["validation_scores"]
+    assert len(validation) > 0 and np.all(np.diff(validation) >= 0)
+    stored = json.loads((export / "assets.extra" / "ood_validation.json").read_text())
+    np.testing.assert_allclose(stored["validation_scores"], validation, rtol=1e-5)
+    card = json.loads((export / "model_card.json").read_text())
+    assert "Mahalanobis" in card["outputs"]["ood_score"]
+    folder = pipeline["data"] / "dicom"
+    run_cli("score", str(folder), "--model", str(run), "--out", str(tmp_path / "r.csv"))
+    by_run = pd.read_csv(tmp_path / "r.csv").set_index("path")
+    by_export = pd.read_csv(pipeline["scores"]).set_index("path").loc[by_run.index]
+    np.testing.assert_allclose(by_export["ood_score"], by_run["ood_score"], rtol=1e-3)
+    np.testing.assert_allclose(by_export["prob_finding"], by_run["prob_finding"], atol=1e-5)

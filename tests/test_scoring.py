@@ -50,9 +50,13 @@ class MeanPredictor:
     image_size = (32, 32)
     channels = 1
     profile = None  # no training profile: every in_scope is 'unknown'
+    ood_validation = None  # no OOD score
 
     def __init__(self, delay_per_image: float = 0.0) -> None:
         self.delay_per_image = delay_per_image
+
+    def predict_with_ood(self, images: list[np.ndarray]) -> tuple[np.ndarray, None]:
+        return self.predict(images), None
 
     def predict(self, images: list[np.ndarray]) -> np.ndarray:
         time.sleep(self.delay_per_image * len(images))
@@ -167,6 +171,8 @@ def test_every_file_has_exactly_one_row_and_the_contract_holds(mixed: dict) -> N
         "modality",
         "body_part",
         "in_scope",
+        "ood_score",
+        "ood_percentile",
         "prob_low",
         "prob_high",
     ]

@@ -33,6 +33,7 @@ from medtransfer.data.summary import data_summary, format_data_summary
 from medtransfer.data.tabular import numeric_statistics
 from medtransfer.data.tabular import summary as tabular_summary
 from medtransfer.errors import RunError
+from medtransfer.models import ood
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.models.degenerate import degenerate_model, warn_degenerate
 from medtransfer.models.inputs import Inputs, input_count
@@ -43,6 +44,7 @@ from medtransfer.rundir import (
     LOGS_DIR,
     MANIFEST_FILE,
     MODEL_FILE,
+    OOD_FILE,
     PROFILE_FILE,
     RUN_FILE,
     SPEC_FILE,
@@ -145,7 +147,7 @@ def _train(
     return rundir.write_info(
         out,
         info.replace(
-            degenerate_model=_kept_model_degeneracy(Run(out, info), spec, splits.val),
+            degenerate_model=_check_kept_model(Run(out, info), spec, splits),
             train_seconds=round(time.time() - started, 1),
             # this process's CPU time, all threads (decode worker processes not included)
             cpu_seconds=round(time.process_time() - cpu_started, 1),
@@ -268,12 +270,19 @@ def _run_info(
     )
 
 
-def _kept_model_degeneracy(run: Run, spec: Spec, val_xy: tuple[Inputs, np.ndarray]) -> dict | None:
-    """Whether the model the run keeps (``model.keras``: the best epoch, after AdaBN) gives
-    the validation images (almost) the same prediction: the degenerate model
+def _check_kept_model(run: Run, spec: Spec, splits: _Splits) -> dict | None:
+    """Load the model the run keeps (``model.keras``: the best epoch, after AdaBN) once, to
+    record its OOD reference (``ood_reference.npz``) and to tell whether it gives the
+    validation images (almost) the same prediction: the degenerate model
     ``medtransfer.models.degenerate`` describes, which training alone would not reveal."""
     model = load_run_model(run)
-    p_val = model.predict(make_dataset(*val_xy, batch_size=spec.training.batch_size), verbose=0)
+    batch_size = spec.training.batch_size
+    reference = ood.reference(
+        model, splits.train[0], splits.val[0], batch_size=batch_size, seed=spec.training.seed
+    )
+    with atomic.replace_on_success(run.path / OOD_FILE, "wb") as handle:
+        np.savez(handle, **reference)
+    p_val = model.predict(make_dataset(*splits.val, batch_size=batch_size), verbose=0)
     info = run.info
     return degenerate_model({"val": p_val}, info.classes, info.task, info.positive_class)
 
