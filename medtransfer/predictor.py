@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
-from medtransfer.models.inputs import Inputs, input_count, to_model_input
+from medtransfer.models.inputs import Inputs, input_count, take_rows, to_model_input
 from medtransfer.models.ood import with_ood_score
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
@@ -168,7 +168,7 @@ class Predictor:
 
     def _in_chunks(self, batch: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
         parts = [
-            self._predict_chunk(_rows(batch, slice(i, i + self.batch_size)))
+            self._predict_chunk(take_rows(batch, slice(i, i + self.batch_size)))
             for i in range(0, input_count(batch), self.batch_size)
         ]
         if not parts:
@@ -179,12 +179,6 @@ class Predictor:
 
     def _predict_chunk(self, chunk: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
-
-
-def _rows(inputs: Inputs, rows: slice) -> Inputs:
-    if isinstance(inputs, dict):
-        return {name: values[rows] for name, values in inputs.items()}
-    return inputs[rows]
 
 
 class KerasPredictor(Predictor):

@@ -72,6 +72,7 @@ BASE_COLUMNS = ("path", "status", "error", "sop_instance_uid")
 SCOPE_COLUMNS = ("modality", "body_part", "in_scope", "ood_score", "ood_percentile")
 DEFAULT_OOD_PERCENTILE = 99.0  # flag scores above this percentile of the validation images
 _LEADING = len(BASE_COLUMNS) + len(SCOPE_COLUMNS)  # the probability columns follow
+_IN_SCOPE = len(BASE_COLUMNS) + SCOPE_COLUMNS.index("in_scope")
 
 
 class ScoringError(FolderError):
@@ -287,7 +288,7 @@ def _summary(
 
 def _tally(row: Sequence[str]) -> tuple[str, ...]:
     """What a row counts towards: its status, and being out of the model's scope."""
-    out_of_scope = row[len(BASE_COLUMNS) + 2].startswith("no:")
+    out_of_scope = row[_IN_SCOPE].startswith("no:")
     return (row[1], "out of scope") if out_of_scope else (row[1],)
 
 

@@ -4,6 +4,7 @@ image is that kind of image. Real DICOM files from ../shared/data and pydicom's 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,29 @@ def test_a_model_trained_on_colour_or_scouts_accepts_them() -> None:
     assert scope_verdict(header(CORPUS / "US1_J2KI.dcm"), profile) == IN_SCOPE
     scouts = training_profile([str(CORPUS / "MAROTECH_CT_JP2Lossy.dcm")], np.zeros((1, 4, 4, 1)))
     assert scope_verdict(header(CORPUS / "MAROTECH_CT_JP2Lossy.dcm"), scouts) == IN_SCOPE
+
+
+def test_hostile_training_files_cost_their_header_not_the_profile(tmp_path: Path) -> None:
+    """Truncated, bit-flipped and garbage files, a FIFO (never opened: it would block) and a
+    formula-looking name: each is an image without a header, and the profile is still made."""
+    good = (CORPUS / "RG1_J2KI.dcm").read_bytes()
+    files = {
+        "truncated.dcm": good[:300],
+        "garbage.dcm": b"DICM" * 50,
+        "=HYPERLINK(1).dcm": good,
+    }
+    flipped = bytearray(good)
+    flipped[140:180] = bytes(b ^ 0xFF for b in flipped[140:180])  # inside the File Meta
+    files["flipped.dcm"] = bytes(flipped)
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    paths.append(str(fifo))
+    assert read_header(str(fifo)) is None and read_header(paths[0]) is None
+    profile = training_profile(paths, np.zeros((len(paths), 4, 4, 1), np.float32))
+    assert profile["images"] == 5
+    assert profile["header"]["Modality"].get("CR", 0) == profile["dicom_images"] >= 1
+    json.dumps(profile)  # plain JSON, whatever the files held

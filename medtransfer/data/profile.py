@@ -14,13 +14,13 @@ This module imports neither TensorFlow nor Keras: scoring's decode workers use
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 PROFILE_VERSION = 1
 # What an image is, as its header says; compared with the training profile when scoring.
@@ -52,10 +52,15 @@ def normalized_header(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def read_header(path: str) -> dict[str, Any] | None:
-    """The kind and size tags of a DICOM file, or None for anything else (a PNG, an npz row)."""
+    """The kind and size tags of a DICOM file, or None for anything else (a PNG, an npz row, a
+    file whose header pydicom cannot parse, anything but a regular file: a FIFO is never
+    opened, since opening one blocks until a writer comes). The profile is a summary: one
+    unreadable header is one image without a header, never the end of a training run."""
+    if not os.path.isfile(path):
+        return None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[*KIND_TAGS, *SIZE_TAGS])
-    except (InvalidDicomError, OSError, ValueError, EOFError, TypeError):
+    except Exception:  # pydicom raises many types on damaged headers
         return None
     if "SOPClassUID" not in ds and "Modality" not in ds:
         return None
@@ -86,15 +91,24 @@ def _counts(values) -> dict[str, int]:
 
 
 def _range(values) -> list[float] | None:
-    numbers = [float(v) for v in values if v not in (None, "")]
+    numbers = [n for n in map(_number, values) if n is not None]
     return [min(numbers), max(numbers)] if numbers else None
+
+
+def _number(value: Any) -> float | None:
+    """A tag value as a number; None for an absent or malformed one (damaged headers)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
 
 
 def _spacing(header: Mapping[str, Any]) -> float | None:
     spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
     try:
-        return float(spacing[0]) if spacing else None
-    except (TypeError, ValueError, IndexError):
+        return _number(spacing[0]) if spacing else None
+    except (TypeError, IndexError):
         return None
 
 

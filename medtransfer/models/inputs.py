@@ -25,6 +25,13 @@ def input_count(inputs: Inputs) -> int:
     return len(inputs["image"] if isinstance(inputs, dict) else inputs)
 
 
+def take_rows(inputs: Inputs, rows: slice | np.ndarray) -> Inputs:
+    """Some examples of ``inputs`` (a slice or an index array), every named input alike."""
+    if isinstance(inputs, dict):
+        return {name: values[rows] for name, values in inputs.items()}
+    return inputs[rows]
+
+
 def resize_images(images: tf.Tensor | np.ndarray, size: Sequence[int]) -> tf.Tensor:
     """TensorFlow's resize, as the model's Resizing layer runs it (bilinear, antialiased): for
     graphs (the export's PNG signature); outside them ``to_model_input`` is the same in NumPy."""

@@ -20,6 +20,8 @@ import tensorflow as tf
 from keras import ops
 from sklearn.covariance import LedoitWolf
 
+from medtransfer.models.inputs import Inputs, input_count, take_rows
+
 MAX_REFERENCE_IMAGES = 5000  # training images whose features make the reference (a sample)
 
 
@@ -72,17 +74,17 @@ def with_ood_score(model: keras.Model, mean: np.ndarray, precision: np.ndarray) 
 
 
 def reference(
-    model: keras.Model, train_inputs, val_inputs, *, batch_size: int, seed: int
+    model: keras.Model, train_inputs: Inputs, val_inputs: Inputs, *, batch_size: int, seed: int
 ) -> dict[str, np.ndarray]:
     """The OOD reference of a trained classifier: mean and precision of the features of (up to
     ``MAX_REFERENCE_IMAGES`` of) its training images, and its validation images' sorted scores.
     Inputs are arrays, or dicts of arrays for tabular models."""
     features = keras.Model(model.input, pooled_features(model), name="features")
-    count = len(train_inputs["image"] if isinstance(train_inputs, dict) else train_inputs)
+    count = input_count(train_inputs)
     chosen = np.sort(
         np.random.default_rng(seed).choice(count, min(count, MAX_REFERENCE_IMAGES), replace=False)
     )
-    sample = _rows(train_inputs, chosen)
+    sample = take_rows(train_inputs, chosen)
     mean, precision = fit_reference(_predict(features, sample, batch_size))
     distance = FeatureDistance(len(mean))
     distance.set_reference(mean, precision)
@@ -90,14 +92,8 @@ def reference(
     return {"mean": mean, "precision": precision, "validation_scores": scores}
 
 
-def _predict(model: keras.Model, inputs, batch_size: int) -> np.ndarray:
+def _predict(model: keras.Model, inputs: Inputs, batch_size: int) -> np.ndarray:
     """Through ``tf.data``, which takes the string arrays of categorical tabular inputs (Keras'
     own array adapter refuses object arrays)."""
     dataset = tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size)
     return model.predict(dataset, verbose=0)
-
-
-def _rows(inputs, index: np.ndarray):
-    if isinstance(inputs, dict):
-        return {name: values[index] for name, values in inputs.items()}
-    return inputs[index]
