@@ -17,7 +17,8 @@ import tempfile
 import textwrap
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import get_args
 
@@ -826,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if quiet and args.command in _TF_VERBS:
             _import_tensorflow_quietly()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _lost_interrupts_unprinted():
             warnings.showwarning = _one_line_warning(args, warnings.showwarning)
             return args.func(args)
     except MedtransferError as error:
@@ -845,6 +846,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         hint = "" if os.environ.get("MEDTRANSFER_DEBUG") else " (MEDTRANSFER_DEBUG=1 shows where)"
         return _report(args, f"failed: internal error {describe(error)}{hint}", EXIT_FAILED)
+
+
+@contextmanager
+def _lost_interrupts_unprinted() -> Iterator[None]:
+    """Python loses a Ctrl-C that lands inside a finalizer (a ``__del__``, a weakref callback;
+    TensorFlow's objects have many) and prints "Exception ignored in ..." with a traceback. The
+    run goes on and a second Ctrl-C stops it; the traceback would only alarm the operator."""
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not KeyboardInterrupt:
+            default(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = default
 
 
 def _one_line_warning(args: argparse.Namespace, default: Callable) -> Callable:
