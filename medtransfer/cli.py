@@ -279,6 +279,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from medtransfer.monitoring import MonitorThresholds, monitor
+
+    names = [name for name, *_ in _MONITOR_THRESHOLDS.values()]
+    thresholds = MonitorThresholds(**{name: getattr(args, name) for name in names})
+    result = monitor(args.scores, args.model, args.out, thresholds)
+    print(result)
+    for alarm in result.alarms:
+        print(f"  alarm: {alarm}")
+    return result.exit_code
+
+
 def _decode_limits(args: argparse.Namespace):
     from medtransfer.folder_pool import DecodeLimits
 
@@ -443,6 +455,18 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
             "medtransfer score incoming/ --model runs/breast --out scores.csv --resume",
         ],
     ),
+    "monitor": (
+        "Compare scored batches (score tables, one per batch, in time order) with what the "
+        "model was trained and validated on: the share of files out of its scope, the OOD "
+        "scores, the image intensities and DICOM header values (PSI with a KS or chi-square "
+        "test), and the predicted prevalence. Writes monitor.html, monitor.csv and "
+        "monitor.json; exit code 1 when a batch drifted past a threshold, so cron can alert. "
+        "Never loads the model or TensorFlow.",
+        [
+            "medtransfer monitor scores/2026-1*.csv --model models/cxr/1 --out monitor/",
+            "medtransfer monitor today.csv --model runs/cxr --out monitor/ --psi-alarm 0.1",
+        ],
+    ),
     "inspect": (
         "Decode every file under a folder without a model and list, one row per file, its "
         "DICOM tags, size and any decoding error in a CSV: a data check before training or "
@@ -491,9 +515,11 @@ Typical workflow:
   medtransfer evaluate runs/breast --out reports/breast
   medtransfer export runs/breast --out models/breast/1
   medtransfer score incoming/ --model models/breast/1 --out scores.csv
+  medtransfer monitor scores*.csv --model models/breast/1 --out monitor/  # drift?
 
 Run 'medtransfer COMMAND --help' for a command's options and examples.
-Exit codes: 0 done, 1 done with per-file errors, 2 bad usage or spec, 3 failed, 130 interrupted.
+Exit codes: 0 done, 1 done with per-file errors (monitor: drift), 2 bad usage or spec, 3 failed,
+130 interrupted.
 MEDTRANSFER_DEBUG=1 shows tracebacks and TensorFlow's start-up log."""
 
 
@@ -715,6 +741,27 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
     score.set_defaults(func=cmd_score)
 
 
+# The defaults of monitoring.MonitorThresholds (a test holds them equal), spelled out here so
+# that building the parser does not import pandas and SciPy for every command.
+_MONITOR_THRESHOLDS = {
+    "--psi-alarm": ("psi_alarm", float, 0.25, "a distribution shift alarms from this PSI"),
+    "--alpha": ("alpha", float, 0.01, "and only if its test rejects at this level"),
+    "--max-out-of-scope": ("max_out_of_scope", float, 0.05, "share of files out of scope"),
+    "--max-prevalence-shift": ("max_prevalence_shift", float, 0.10, "absolute, per class"),
+    "--min-files": ("min_files", int, 30, "no alarm on a batch with fewer usable files"),
+}
+
+
+def _add_monitor(verbs: argparse._SubParsersAction) -> None:
+    monitor = _verb(verbs, "monitor", "compare scored batches with the model's training reference")
+    monitor.add_argument("scores", nargs="+", metavar="SCORES", help="score tables, oldest first")
+    monitor.add_argument("--model", required=True, help="the export or run directory that scored")
+    monitor.add_argument("--out", required=True, help="folder for monitor.html/.csv/.json")
+    for flag, (name, kind, value, text) in _MONITOR_THRESHOLDS.items():
+        monitor.add_argument(flag, dest=name, type=kind, default=value, metavar="X", help=text)
+    monitor.set_defaults(func=cmd_monitor)
+
+
 def _add_inspect(verbs: argparse._SubParsersAction) -> None:
     inspect = _verb(
         verbs, "inspect", "decode every file under a folder and list tags and errors in a CSV"
@@ -811,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_ensemble,
         _add_export,
         _add_score,
+        _add_monitor,
         _add_inspect,
         _add_sites,
         _add_quickstart,

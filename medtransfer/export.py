@@ -24,12 +24,13 @@ import tensorflow as tf
 from medtransfer import atomic
 from medtransfer.errors import DegenerateModelWarning, ExportError
 from medtransfer.evaluation.thresholds import read_thresholds, thresholds_for_json, write_thresholds
+from medtransfer.export_layout import EXPORT_GRAPH, EXPORT_INFO, EXPORT_OOD, EXPORT_PROFILE
 from medtransfer.models.inputs import resize_images
 from medtransfer.models.layers import TemperatureScaling
 from medtransfer.models.ood import with_ood_score
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
-from medtransfer.predictor import EXPORT_INFO, EXPORT_OOD, EXPORT_PROFILE, ModelInfo
+from medtransfer.predictor import ModelInfo
 from medtransfer.rundir import THRESHOLDS_FILE, Run, RunInfo, open_run, thresholds_file_name
 from medtransfer.spec import TabularFeature
 
@@ -465,7 +466,7 @@ def version_dir(out_dir: str | Path) -> Path:
     target = Path(out_dir)
     if _VERSION.fullmatch(target.name):
         return target
-    if (target / "saved_model.pb").is_file():
+    if (target / EXPORT_GRAPH).is_file():
         raise ExportError(
             f"{target} holds a SavedModel directly, which TF Serving cannot load: it needs "
             f"NAME/VERSION/ with VERSION a number. Move that export into a version folder "
@@ -519,8 +520,7 @@ def export_model(
         reference = None if tta or calibrate else run.ood_reference()
         build_archive(model, info, reference).write_out(str(built), verbose=False)
         if reference is not None:
-            scores = [round(float(v), 6) for v in reference["validation_scores"]]
-            atomic.write_json(built / EXPORT_OOD, {"validation_scores": scores})
+            atomic.write_json(built / EXPORT_OOD, _validation_reference(reference))
         card = _write_assets(built, run, info, metrics, thresholds, tta=tta, calibrate=calibrate)
         if target.exists():
             shutil.rmtree(target)
@@ -530,6 +530,16 @@ def export_model(
     for found in card["degenerate_model"] or []:
         warnings.warn(f"export {target}: {found}", DegenerateModelWarning, stacklevel=2)
     return target
+
+
+def _validation_reference(reference: dict[str, np.ndarray]) -> dict[str, list]:
+    """The validation images' OOD scores (read as percentiles when scoring) and, where the run
+    recorded them, their class probabilities (``medtransfer monitor``'s prevalence reference)."""
+    out = {"validation_scores": [round(float(v), 6) for v in reference["validation_scores"]]}
+    if "validation_probabilities" in reference:
+        probs = np.round(reference["validation_probabilities"].astype(float), 6)
+        out["validation_probabilities"] = probs.tolist()
+    return out
 
 
 def _write_assets(

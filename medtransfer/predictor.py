@@ -17,16 +17,13 @@ import tensorflow as tf
 
 from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
+from medtransfer.export_layout import EXPORT_GRAPH, EXPORT_INFO, EXPORT_OOD, EXPORT_PROFILE
 from medtransfer.models.inputs import Inputs, input_count, take_rows, to_model_input
 from medtransfer.models.ood import with_ood_score
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.tta import may_mirror, tta_model
-from medtransfer.rundir import PROFILE_FILE, RUN_FILE, ImagePolicy, RunInfo, is_run, open_run
+from medtransfer.rundir import RUN_FILE, ImagePolicy, RunInfo, is_run, open_run
 from medtransfer.spec import TabularFeature
-
-EXPORT_INFO = Path("assets.extra") / "medtransfer.json"
-EXPORT_PROFILE = Path("assets.extra") / PROFILE_FILE
-EXPORT_OOD = Path("assets.extra") / "ood_validation.json"  # the validation OOD scores
 
 
 @dataclass(frozen=True)
@@ -259,7 +256,7 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
             f"{source}: test-time augmentation needs the run directory (or an export made "
             "with export --tta, which has it built in)"
         )
-    if (source / "saved_model.pb").is_file():
+    if (source / EXPORT_GRAPH).is_file():
         info_file = source / EXPORT_INFO
         if not info_file.is_file():
             raise ExportError(f"{source} is a SavedModel without {EXPORT_INFO}")

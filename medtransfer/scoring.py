@@ -31,7 +31,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from medtransfer.data.profile import normalized_header
+from medtransfer.data.profile import image_statistics, normalized_header
 from medtransfer.data.tabular import tolerant_values
 from medtransfer.folder_output import CsvOutput, ParquetOutput
 from medtransfer.folder_pool import (
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_COLUMNS",
+    "INTENSITY_COLUMNS",
     "SCOPE_COLUMNS",
     "WORKER_DIED",
     "Predictor",
@@ -70,8 +71,10 @@ BASE_COLUMNS = ("path", "status", "error", "sop_instance_uid")
 # What the file's header says it is, whether the model was trained on such images (scope.py),
 # and how far its features lie from the training images' (models/ood.py).
 SCOPE_COLUMNS = ("modality", "body_part", "in_scope", "ood_score", "ood_percentile")
+# The mean and SD of the model's input pixels: what `medtransfer monitor` tests for drift
+INTENSITY_COLUMNS = ("intensity_mean", "intensity_std")
 DEFAULT_OOD_PERCENTILE = 99.0  # flag scores above this percentile of the validation images
-_LEADING = len(BASE_COLUMNS) + len(SCOPE_COLUMNS)  # the probability columns follow
+_LEADING = len(BASE_COLUMNS) + len(SCOPE_COLUMNS) + len(INTENSITY_COLUMNS)  # then probabilities
 _IN_SCOPE = len(BASE_COLUMNS) + SCOPE_COLUMNS.index("in_scope")
 
 
@@ -145,6 +148,7 @@ class _Decoded(NamedTuple):
     sop_instance_uid: str
     tags: tuple[str, ...]  # raw values of the requested DICOM tags ("" when absent)
     header: dict[str, str] | None  # what the image is (normalized_header); None: not DICOM
+    intensity: tuple[float, float]  # mean and SD of ``pixels`` (image_statistics)
 
 
 class _Decoding(NamedTuple):
@@ -166,7 +170,8 @@ def _decode_file(path: str, how: _Decoding) -> _Decoded:
     values = _tag_values(path, how.tags) if how.tags else ()
     pixels = model_pixels(image.pixels, how.size, how.channels)
     header = normalized_header(image.meta) if image.meta else None
-    return _Decoded(pixels, image.sop_instance_uid, values, header)
+    mean, std = image_statistics(pixels[np.newaxis])
+    return _Decoded(pixels, image.sop_instance_uid, values, header, (float(mean[0]), float(std[0])))
 
 
 def _tag_values(path: str, tags: tuple[str, ...]) -> tuple[str, ...]:
@@ -258,10 +263,10 @@ def score_folder(
 
 def _output(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
     """The scores table; a ``.parquet`` name gets Parquet with float32 probabilities."""
-    columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *_prob_columns(class_names)]
+    columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *INTENSITY_COLUMNS, *_prob_columns(class_names)]
     options = {"resume": resume, "row_is_valid": _row_is_valid}
     if out.suffix.lower() == ".parquet":
-        floats = ["ood_score", "ood_percentile", *columns[_LEADING:]]
+        floats = ["ood_score", "ood_percentile", *INTENSITY_COLUMNS, *columns[_LEADING:]]
         return ParquetOutput(out, columns, float_columns=floats, **options)
     return CsvOutput(out, columns, **options)
 
@@ -382,12 +387,17 @@ def _row(
             verdict = f"{verdict}; {reason}" if verdict.startswith("no:") else f"no: {reason}"
     if not decoded.error and scope.strict and verdict.startswith("no:"):
         outcome = f"out of scope: {verdict.removeprefix('no: ')}"
-    scope_cells = [*_kind(value.header if value else None), verdict, *ood]
+    scope_cells = [*_kind(value.header if value else None), verdict, *ood, *_intensity(value)]
     if isinstance(outcome, str):
         no_probs = [""] * len(predictor.class_names)
         return [identity[0], "error", outcome, identity[1], *scope_cells, *no_probs]
     probs = map(_format_prob, outcome.probs)
     return [identity[0], "ok", "", identity[1], *scope_cells, *probs]
+
+
+def _intensity(value: _Decoded | None) -> tuple[str, str]:
+    """The intensity columns, 6 decimals: enough for drift tests on [0, 1] pixels."""
+    return tuple(f"{v:.6f}" for v in value.intensity) if value else ("", "")
 
 
 def _kind(header: dict[str, str] | None) -> tuple[str, str]:

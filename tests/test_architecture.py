@@ -50,6 +50,15 @@ ONLY: dict[str, tuple[str, ...]] = {
     "medtransfer.privacy": (),
     # scope rules are plain comparisons of a header with a training profile
     "medtransfer.scope": (),
+    "medtransfer.export_layout": ("medtransfer.rundir",),
+    # drift monitoring reads tables and JSON: no model, no TensorFlow, nothing of the pipeline
+    "medtransfer.monitoring": (
+        "medtransfer.monitoring",
+        "medtransfer.rundir",
+        "medtransfer.export_layout",
+        "medtransfer.atomic",
+        "medtransfer.errors",
+    ),
     # the spec validates names against registries and data tables, nothing more
     "medtransfer.spec": (
         "medtransfer.errors",

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from medtransfer.quickstart import write_spec
-from medtransfer.scoring import BASE_COLUMNS, SCOPE_COLUMNS
+from medtransfer.scoring import BASE_COLUMNS, INTENSITY_COLUMNS, SCOPE_COLUMNS
 from medtransfer.synthetic import generate_dicom_dataset
 from medtransfer.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
@@ -124,7 +124,8 @@ def test_scores_csv_meets_the_contract(pipeline):
     assert result.returncode == 0, result.stdout
     scores = pd.read_csv(pipeline["scores"], keep_default_na=False)
     # the column order itself is pinned in tests/test_scoring.py
-    assert list(scores.columns) == [*BASE_COLUMNS, *SCOPE_COLUMNS, "prob_normal", "prob_finding"]
+    columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *INTENSITY_COLUMNS, "prob_normal", "prob_finding"]
+    assert list(scores.columns) == columns
     assert set(scores["status"]) == {"ok"}
     # the data the model was trained on is in its scope by its header; a few images may lie
     # further from the training features than the validation images did
@@ -265,21 +266,31 @@ def test_augment_preview_writes_a_grid_and_refuses_impossible_options(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "b.png").exists()
 
 
-def test_the_demo_model_flags_every_mr_and_ct_of_the_corpus_out_of_scope(pipeline, tmp_path):
+@pytest.fixture(scope="module")
+def corpus_scores(pipeline, tmp_path_factory) -> dict[str, Path]:
+    """The real DICOM corpus (MR, CT, US, radiographs...) scored by the demo's export, flagging
+    out-of-scope files and, with --strict, refusing them."""
+    corpus, root = SHARED_DATA / "dicom" / "corpus", tmp_path_factory.mktemp("corpus_scores")
+    scored = {}
+    for mode in ("flag", "strict"):
+        scored[mode] = out = root / mode / "scores.csv"
+        extra = ["--strict"] if mode == "strict" else []
+        args = ["score", str(corpus), "--model", str(pipeline["export"]), "--out", str(out)]
+        run_cli(*args, "--no-progress", *extra, expect=1 if extra else 0)
+    return scored
+
+
+def test_the_demo_model_flags_every_mr_and_ct_of_the_corpus_out_of_scope(pipeline, corpus_scores):
     """The chest-radiograph model gives MR images a finding probability near 1; scoring must say
     they are not what it was trained on. With --strict they are not predicted at all."""
     corpus = SHARED_DATA / "dicom" / "corpus"
     profile = json.loads((pipeline["export"] / "assets.extra" / "profile.json").read_text())
     assert profile["header"]["Modality"] == {"DX": profile["images"]}
     assert profile["header"]["BodyPartExamined"] == {"CHEST": profile["images"]}
-    scored = {}
-    for mode in ("flag", "strict"):
-        out = tmp_path / f"{mode}.csv"
-        extra = ["--strict"] if mode == "strict" else []
-        args = ["score", str(corpus), "--model", str(pipeline["export"]), "--out", str(out)]
-        run_cli(*args, "--no-progress", *extra, expect=1 if extra else 0)
-        scored[mode] = pd.read_csv(out, keep_default_na=False).set_index("path")
-    flagged, strict = scored["flag"], scored["strict"]
+    flagged, strict = (
+        pd.read_csv(corpus_scores[mode], keep_default_na=False).set_index("path")
+        for mode in ("flag", "strict")
+    )
     modalities = {
         name: str(pydicom.dcmread(corpus / name, stop_before_pixels=True).get("Modality", ""))
         for name in flagged.index
@@ -300,6 +311,44 @@ def test_the_demo_model_flags_every_mr_and_ct_of_the_corpus_out_of_scope(pipelin
     for name, m in modalities.items():
         if m in ("DX", "CR") and flagged.loc[name, "status"] == "ok":
             assert "modality" not in flagged.loc[name, "in_scope"], name
+
+
+def test_monitor_alarms_on_the_corpus_not_on_the_training_kind_of_image(pipeline, corpus_scores):
+    """New images of the kind the model was trained on (another draw of the demo generator)
+    raise no alarm; a batch of MR, CT and other images does, named by its label. The export
+    carries the same reference as the run (validation probabilities included), so both give
+    the same findings."""
+    root, demo = pipeline["root"], pipeline["root"] / "fresh" / "scores.csv"
+    fresh = generate_dicom_dataset(root / "fresh_data", n_patients=24, seed=6).parent / "dicom"
+    run_cli("score", str(fresh), "--model", str(pipeline["export"]), "--out", str(demo))
+    assert len(pd.read_csv(demo)) >= 40
+    with np.load(pipeline["run"] / "ood_reference.npz") as reference:
+        probabilities = reference["validation_probabilities"]
+    stored = json.loads((pipeline["export"] / "assets.extra" / "ood_validation.json").read_text())
+    np.testing.assert_allclose(stored["validation_probabilities"], probabilities, atol=1e-6)
+    options = ["--min-files", "20"]
+    calm = run_cli("monitor", str(demo), "--model", str(pipeline["export"]), "--out",
+                   str(root / "calm"), *options)  # fmt: skip
+    assert "no drift" in calm.stdout
+    findings = pd.read_csv(root / "calm" / "monitor.csv", keep_default_na=False)
+    checked = findings[findings["note"] == ""]["check"].tolist()
+    assert {"out_of_scope", "ood_score", "intensity_mean", "modality"} <= set(checked)
+    assert "prevalence:finding" in checked
+    batches = [str(demo), str(corpus_scores["flag"])]
+    outputs = {}
+    for model in ("export", "run"):
+        outputs[model] = out = root / f"drift_{model}"
+        args = ["monitor", *batches, "--model", str(pipeline[model]), "--out", str(out), *options]
+        drifted = run_cli(*args, expect=1)
+    alarms = json.loads((outputs["export"] / "monitor.json").read_text())["alarms"]
+    assert alarms and all(alarm.startswith("flag/scores.csv: ") for alarm in alarms), alarms
+    assert any(" out_of_scope " in alarm for alarm in alarms)
+    assert any(" modality drifted" in alarm for alarm in alarms)
+    assert "alarm: flag/scores.csv: out_of_scope" in drifted.stdout
+    by_export, by_run = (pd.read_csv(outputs[m] / "monitor.csv") for m in ("export", "run"))
+    pd.testing.assert_frame_equal(by_export, by_run, atol=1e-5)
+    html = (outputs["export"] / "monitor.html").read_text()
+    assert "flag/scores.csv" in html and "data:image/png;base64," in html
 
 
 def test_run_and_export_give_the_same_ood_scores(pipeline, tmp_path):

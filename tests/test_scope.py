@@ -38,6 +38,25 @@ def test_profile_counts_what_the_training_images_are(chest_profile: dict) -> Non
     assert chest_profile["intensity"]["pixels"][-1] == pytest.approx(0.99, abs=0.01)
 
 
+def test_profile_keeps_each_images_mean_and_sd_for_drift_tests(chest_profile: dict) -> None:
+    images = np.linspace(0, 1, 2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    samples = chest_profile["intensity"]["samples"]
+    np.testing.assert_allclose(samples["image_means"], images.mean(axis=(1, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(samples["image_stds"], images.std(axis=(1, 2, 3)), atol=1e-6)
+
+
+def test_profile_samples_at_most_2000_images_in_float64_chunks() -> None:
+    rng = np.random.default_rng(0)  # noise around distinct levels: every image has its own mean
+    levels = np.linspace(0.1, 0.9, 2100, dtype=np.float32)[:, None, None, None]
+    images = levels + rng.normal(0, 1e-4, (2100, 3, 3, 1)).astype(np.float32)
+    samples = training_profile(["x.png"] * 2100, images)["intensity"]["samples"]
+    assert len(samples["image_means"]) == len(samples["image_stds"]) == 2000
+    means, stds = images.reshape(2100, -1).mean(axis=1), images.reshape(2100, -1).std(axis=1)
+    rows = [np.flatnonzero(np.isclose(means, m, atol=1e-6))[0] for m in samples["image_means"]]
+    assert len(set(rows)) == 2000  # distinct images, not repeats
+    np.testing.assert_allclose(samples["image_stds"], stds[rows], atol=1e-6)
+
+
 def test_profile_holds_no_paths_uids_or_patient_data(chest_profile: dict) -> None:
     text = json.dumps(chest_profile)
     for path in CHEST_CR:

@@ -173,6 +173,8 @@ def test_every_file_has_exactly_one_row_and_the_contract_holds(mixed: dict) -> N
         "in_scope",
         "ood_score",
         "ood_percentile",
+        "intensity_mean",
+        "intensity_std",
         "prob_low",
         "prob_high",
     ]
@@ -216,6 +218,19 @@ def test_probabilities_are_exactly_the_predictors(mixed: dict) -> None:
         assert got == expected_probs(mixed["folder"] / rel), rel
     ct = pydicom.dcmread(mixed["folder"] / "pydicom" / "CT_small.dcm", stop_before_pixels=True)
     assert table["pydicom/CT_small.dcm"]["sop_instance_uid"] == ct.SOPInstanceUID
+
+
+def test_intensity_columns_are_the_model_inputs_mean_and_sd(mixed: dict) -> None:
+    table = by_path(mixed["out"])
+    for rel in ["pydicom/CT_small.dcm", "corpus/emri_small.dcm", "misc/gray.png"]:
+        image = load_image(mixed["folder"] / rel, window="dicom", frames="first")
+        pixels = model_pixels(image.pixels, MeanPredictor.image_size, MeanPredictor.channels)
+        row = table[rel]
+        assert float(row["intensity_mean"]) == pytest.approx(float(np.mean(pixels)), abs=1e-6)
+        assert float(row["intensity_std"]) == pytest.approx(float(np.std(pixels)), abs=1e-6)
+    assert float(table["corpus/emri_small.dcm"]["intensity_std"]) > 0.05  # a real image
+    broken = table[f"broken/{UNDECODABLE[0]}"]
+    assert broken["intensity_mean"] == broken["intensity_std"] == ""
 
 
 def test_inputs_are_untouched_and_only_the_output_is_left(mixed: dict) -> None:

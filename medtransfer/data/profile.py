@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: per-image intensity samples (intensity.samples)
 # What an image is, as its header says; compared with the training profile when scoring.
 KIND_TAGS = (
     "Modality",
@@ -35,6 +35,7 @@ KIND_TAGS = (
 SIZE_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 _MAX_PIXELS_SAMPLED = 2_000_000  # intensity quantiles from a fixed-seed sample of this many
+_MAX_IMAGES_SAMPLED = 2000  # per-image means and SDs kept for drift tests (medtransfer monitor)
 
 
 def normalized_header(values: Mapping[str, Any]) -> dict[str, str]:
@@ -113,15 +114,36 @@ def _spacing(header: Mapping[str, Any]) -> float | None:
 
 
 def _intensity(images: np.ndarray, seed: int) -> dict[str, Any]:
-    """Quantiles of the model's input pixels and of the per-image means ([0, 1] scale)."""
+    """Quantiles of the model's input pixels and of the per-image means ([0, 1] scale), and
+    each image's mean and SD for a sample of the images: what ``medtransfer monitor`` tests a
+    scored batch's ``intensity_mean`` and ``intensity_std`` columns against."""
     if len(images) == 0:
-        return {"quantiles": QUANTILES, "pixels": None, "image_means": None}
+        return {"quantiles": QUANTILES, "pixels": None, "image_means": None, "samples": None}
+    rng = np.random.default_rng(seed)
     flat = images.reshape(-1)
     if flat.size > _MAX_PIXELS_SAMPLED:
-        flat = np.random.default_rng(seed).choice(flat, _MAX_PIXELS_SAMPLED, replace=False)
-    means = images.reshape(len(images), -1).mean(axis=1)
+        flat = rng.choice(flat, _MAX_PIXELS_SAMPLED, replace=False)
+    means, stds = image_statistics(images)
+    chosen = np.sort(rng.choice(len(images), min(len(images), _MAX_IMAGES_SAMPLED), replace=False))
     return {
         "quantiles": list(QUANTILES),
-        "pixels": [round(float(q), 6) for q in np.quantile(flat, QUANTILES)],
-        "image_means": [round(float(q), 6) for q in np.quantile(means, QUANTILES)],
+        "pixels": _rounded(np.quantile(flat, QUANTILES)),
+        "image_means": _rounded(np.quantile(means, QUANTILES)),
+        "samples": {"image_means": _rounded(means[chosen]), "image_stds": _rounded(stds[chosen])},
     }
+
+
+def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and SD of each image's pixels (``images``: a stack, [N, ...]), in float64: the same
+    numbers for the training images here and for scored ones (the ``intensity_*`` columns).
+    A chunk at a time, so a large training split is never copied whole."""
+    flat = images.reshape(len(images), -1)
+    means, stds = np.empty(len(flat)), np.empty(len(flat))
+    for start in range(0, len(flat), 64):
+        chunk = flat[start : start + 64].astype(np.float64)
+        means[start : start + 64], stds[start : start + 64] = chunk.mean(axis=1), chunk.std(axis=1)
+    return means, stds
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    return [round(float(v), 6) for v in values]

@@ -272,17 +272,19 @@ def _run_info(
 
 def _check_kept_model(run: Run, spec: Spec, splits: _Splits) -> dict | None:
     """Load the model the run keeps (``model.keras``: the best epoch, after AdaBN) once, to
-    record its OOD reference (``ood_reference.npz``) and to tell whether it gives the
-    validation images (almost) the same prediction: the degenerate model
-    ``medtransfer.models.degenerate`` describes, which training alone would not reveal."""
+    record its OOD reference (``ood_reference.npz``, with the validation probabilities) and to
+    tell whether it gives the validation images (almost) the same prediction: the degenerate
+    model ``medtransfer.models.degenerate`` describes, which training alone would not reveal."""
     model = load_run_model(run)
     batch_size = spec.training.batch_size
     reference = ood.reference(
         model, splits.train[0], splits.val[0], batch_size=batch_size, seed=spec.training.seed
     )
+    p_val = model.predict(make_dataset(*splits.val, batch_size=batch_size), verbose=0)
+    # the validation probabilities: what a drift monitor compares predicted prevalence with
+    reference["validation_probabilities"] = p_val.astype(np.float32)
     with atomic.replace_on_success(run.path / OOD_FILE, "wb") as handle:
         np.savez(handle, **reference)
-    p_val = model.predict(make_dataset(*splits.val, batch_size=batch_size), verbose=0)
     info = run.info
     return degenerate_model({"val": p_val}, info.classes, info.task, info.positive_class)
 
