@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -614,3 +615,26 @@ def test_the_cli_defaults_are_the_thresholds_defaults() -> None:
     default = MonitorThresholds()
     for name, *_ in cli._MONITOR_THRESHOLDS.values():
         assert getattr(args, name) == getattr(default, name), name
+
+
+def test_hostile_score_tables_are_one_clear_error_or_a_result(tmp_path, export):
+    """A FIFO is refused without being opened (opening one blocks); a table cut mid-row or with
+    flipped bytes is read or refused in one line; a formula-looking label is not a formula."""
+    os.mkfifo(tmp_path / "fifo.csv")
+    with pytest.raises(MonitorError, match="not a file"):
+        monitor([tmp_path / "fifo.csv"], export, tmp_path / "out")
+    text = _write(_scores(np.random.default_rng(40), 60), tmp_path / "full.csv").read_bytes()
+    (tmp_path / "cut.csv").write_bytes(text[: len(text) // 2 + 7])
+    result = monitor([tmp_path / "cut.csv"], export, tmp_path / "out_cut")
+    assert 0 < result.files < 60
+    flipped = bytearray(text)
+    flipped[200:260] = bytes(b ^ 0xFF for b in flipped[200:260])
+    (tmp_path / "flipped.csv").write_bytes(bytes(flipped))
+    try:
+        monitor([tmp_path / "flipped.csv"], export, tmp_path / "out_flip")
+    except MonitorError as error:
+        assert "cannot be read" in str(error) and "\n" not in str(error)
+    formula = _write(_scores(np.random.default_rng(41), 40), tmp_path / "=HYPERLINK(1).csv")
+    monitor([formula], export, tmp_path / "out_formula")
+    cells = (tmp_path / "out_formula" / "monitor.csv").read_text()
+    assert "\n=HYPERLINK" not in cells and ",=HYPERLINK" not in cells
