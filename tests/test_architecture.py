@@ -58,6 +58,7 @@ ONLY: dict[str, tuple[str, ...]] = {
         "medtransfer.export_layout",
         "medtransfer.atomic",
         "medtransfer.errors",
+        "medtransfer.scope",  # the OOD percentile, as scoring reads it
     ),
     # the spec validates names against registries and data tables, nothing more
     "medtransfer.spec": (

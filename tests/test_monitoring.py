@@ -564,6 +564,7 @@ def test_importing_the_monitor_does_not_import_tensorflow():
 
 
 ALLOWED = ("medtransfer.rundir", "medtransfer.export_layout", "medtransfer.atomic",
+           "medtransfer.scope",
            "medtransfer.errors", "medtransfer.monitoring")  # fmt: skip
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 from medtransfer.monitoring import drift
 from medtransfer.monitoring.batches import PROB_PREFIX, Batch
 from medtransfer.monitoring.reference import MonitorReference
+from medtransfer.scope import percentiles
 
 COLUMNS = ("batch", "check", "n", "value", "reference", "psi", "statistic", "p_value", "alarm",
            "note")  # fmt: skip
@@ -173,8 +174,7 @@ def _ood_score(batch: Batch, reference: MonitorReference, t: MonitorThresholds) 
     scores = _finite(batch.ok["ood_score"])
     if not len(scores):
         return Finding("ood_score", note="no scored file has an OOD score")
-    percentiles = 100.0 * np.searchsorted(validation, scores, side="right") / len(validation)
-    median = float(np.median(percentiles))
+    median = float(np.median(percentiles(scores, validation)))
     resolution = RESOLUTION * max(float(np.median(validation)), 1e-12)  # distances have a scale
     finding = _continuous("ood_score", scores, validation, t, resolution, median, 50.0)
     if finding.alarm and median <= 50.0:  # images nearer the training images than validation's
