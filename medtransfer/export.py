@@ -68,7 +68,7 @@ def build_archive(
     ``ood_reference`` both also output ``ood_score`` (``medtransfer.models.ood``), computed
     from the same pass as the probabilities."""
     if ood_reference is not None:
-        model = with_ood_score(model, ood_reference["mean"], ood_reference["precision"])
+        model = with_ood_score(model, ood_reference)
     classes = tf.constant(info.class_names)
     size, channels = tuple(info.image_size), info.channels
     tabular_specs = [
@@ -574,8 +574,9 @@ def _write_assets(
         markdown += f"\n## Calibration\n{card['calibration']}\n"
     if (built / EXPORT_OOD).is_file():
         card["outputs"]["ood_score"] = (
-            "float32 [batch]: Mahalanobis distance of the image's pooled features to the training "
-            "images'; read it as a percentile of assets.extra/ood_validation.json (validation "
+            "float32 [batch]: sum over the backbone's stages of the Mahalanobis distance of the "
+            "image's spatially averaged features to the training images' (each stage scaled to "
+            "average 1 on the validation images); read it as a percentile of assets.extra/ood_validation.json (validation "
             "images); at or above the 99th, the image is unlike what the model was trained on"
         )
         markdown += f"\n## Out-of-distribution score\n`ood_score`: {card['outputs']['ood_score']}\n"

@@ -198,7 +198,7 @@ class KerasPredictor(Predictor):
         self._scoring = (
             model
             if ood_reference is None
-            else with_ood_score(model, ood_reference["mean"], ood_reference["precision"])
+            else with_ood_score(model, ood_reference)
         )
         self._call = tf.function(self._inference, reduce_retracing=True)
 

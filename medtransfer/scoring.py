@@ -212,8 +212,8 @@ def score_folder(
     Every row says what the file's header calls the image (``modality``, ``body_part``) and
     whether the model was trained on such images (``in_scope``: ``yes``, ``no: <reasons>`` or
     ``unknown: <why>``, from the model's training profile; ``medtransfer.scope``), and, for a
-    model with an OOD reference, ``ood_score`` (the Mahalanobis distance of its features to the
-    training images') with its percentile among the validation images' scores: at or above
+    model with an OOD reference, ``ood_score`` (``medtransfer.models.ood``: how far its features
+    lie from the training images', stage by stage) with its percentile among the validation images' scores: at or above
     ``ood_percentile`` the file is out of scope too. Out-of-scope files keep their
     probabilities; with ``strict`` they are error rows instead.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``

@@ -278,7 +278,12 @@ def _check_kept_model(run: Run, spec: Spec, splits: _Splits) -> dict | None:
     model = load_run_model(run)
     batch_size = spec.training.batch_size
     reference = ood.reference(
-        model, splits.train[0], splits.val[0], batch_size=batch_size, seed=spec.training.seed
+        model,
+        splits.train[0],
+        splits.val[0],
+        backbone=spec.model.backbone,
+        batch_size=batch_size,
+        seed=spec.training.seed,
     )
     p_val = model.predict(make_dataset(*splits.val, batch_size=batch_size), verbose=0)
     # the validation probabilities: what a drift monitor compares predicted prevalence with
