@@ -252,6 +252,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from medtransfer.predictor import load_predictor
     from medtransfer.scoring import score_folder
 
+    if args.engine == "ray":
+        return _score_on_ray(args)
     predictor = load_predictor(args.model, batch_size=args.batch_size)
     summary = score_folder(
         args.input_dir,
@@ -262,6 +264,25 @@ def cmd_score(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         decode_here=not args.pool_only,
+        limits=_decode_limits(args),
+        strict=args.strict,
+        ood_percentile=args.ood_percentile,
+    )
+    print(summary)
+    return summary.exit_code
+
+
+def _score_on_ray(args: argparse.Namespace) -> int:
+    from medtransfer.ray_scoring import RayOptions, score_folder_ray
+
+    options = RayOptions(args.address, args.ray_decoders, args.ray_models)
+    summary = score_folder_ray(
+        args.input_dir,
+        args.model,
+        args.out,
+        ray_options=options,
+        batch_size=args.batch_size,
+        resume=args.resume,
         limits=_decode_limits(args),
         strict=args.strict,
         ood_percentile=args.ood_percentile,
@@ -453,6 +474,8 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
         [
             "medtransfer score incoming/ --model models/breast/1 --out scores.csv",
             "medtransfer score incoming/ --model runs/breast --out scores.csv --resume",
+            "medtransfer score /mnt/archive --model models/breast/1 --out /mnt/out/scores.csv "
+            "--engine ray --address auto",
         ],
     ),
     "monitor": (
@@ -737,6 +760,27 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
         help="flag a file out of scope when its OOD score is at or above this percentile of the "
         "validation images' scores (default: %(default)g)",
     )
+    score.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine's decode pool (default); ray: Ray Data actors, on this "
+        "machine or a cluster (pip install 'medtransfer[ray]')",
+    )
+    score.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the cluster to join ('auto', or ray://HOST:PORT; default: "
+        "start Ray on this machine)",
+    )
+    for kind in ("decoders", "models"):
+        score.add_argument(
+            f"--ray-{kind}",
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"with --engine ray: {kind[:-1]} actors (default: half the cluster's CPUs)",
+        )
     _add_folder_run(score)
     score.set_defaults(func=cmd_score)
 

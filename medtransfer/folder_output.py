@@ -34,6 +34,7 @@ __all__ = [
     "ParquetOutput",
     "display_path",
     "safe_cell",
+    "valid_utf8",
 ]
 
 CSV_FILE: dict[str, Any] = {"encoding": "utf-8", "newline": ""}
@@ -83,8 +84,13 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def valid_utf8(text: str) -> str:
+    """``text`` with the stray bytes of a non-UTF-8 file name (surrogates) as ``?``."""
+    return _SURROGATE.sub("?", text)
+
+
 def _safe_row(row: list[str]) -> list[str]:
-    return [safe_cell(display_path(row[0])), *(safe_cell(_SURROGATE.sub("?", c)) for c in row[1:])]
+    return [safe_cell(display_path(row[0])), *(safe_cell(valid_utf8(c)) for c in row[1:])]
 
 
 # --- the lock -------------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "medtransfer.evaluation": ("medtransfer.training", "medtransfer.export", "medtransfer.scoring"),
     "medtransfer.export": ("medtransfer.training", "medtransfer.scoring"),
     "medtransfer.scoring": ("medtransfer.training", "medtransfer.evaluation", "medtransfer.export"),
+    "medtransfer.ray_scoring": (
+        "medtransfer.training",
+        "medtransfer.evaluation",
+        "medtransfer.export",
+    ),
     "medtransfer.folder_pool": ("medtransfer.training", "medtransfer.evaluation"),
     "medtransfer.folder_output": ("medtransfer.training", "medtransfer.evaluation"),
     "medtransfer.inspect": ("medtransfer.training", "medtransfer.evaluation"),
