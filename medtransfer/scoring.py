@@ -213,9 +213,9 @@ def score_folder(
     whether the model was trained on such images (``in_scope``: ``yes``, ``no: <reasons>`` or
     ``unknown: <why>``, from the model's training profile; ``medtransfer.scope``), and, for a
     model with an OOD reference, ``ood_score`` (``medtransfer.models.ood``: how far its features
-    lie from the training images', stage by stage) with its percentile among the validation images' scores: at or above
-    ``ood_percentile`` the file is out of scope too. Out-of-scope files keep their
-    probabilities; with ``strict`` they are error rows instead.
+    lie from the training images', stage by stage) with its percentile among the validation
+    images' scores: at or above ``ood_percentile`` the file is out of scope too. Out-of-scope
+    files keep their probabilities; with ``strict`` they are error rows instead.
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
     inside ``input_dir``: it would be crawled as an input, and nothing may be written there.
     """

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import keras
 import pytest
+import tensorflow as tf
 
 from medtransfer.models.build import build_model
 from medtransfer.training.devices import (
@@ -14,6 +16,8 @@ from medtransfer.training.devices import (
     ONE_DEVICE,
     apply_precision,
     plan_execution,
+    sharded,
+    synchronize_batchnorm,
 )
 
 from .test_training_options import spec_with
@@ -70,3 +74,22 @@ def test_mixed_precision_keeps_the_probabilities_float32():
     finally:
         apply_precision(plan_execution(gpus=0, tf_config=""))
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_in_memory_datasets_are_shared_out_by_their_batches():
+    dataset = sharded(tf.data.Dataset.range(10).batch(4))
+    policy = dataset.options().experimental_distribute.auto_shard_policy
+    assert policy == tf.data.experimental.AutoShardPolicy.DATA
+    assert [b.tolist() for b in dataset.as_numpy_iterator()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("replicas, synchronized", [(1, False), (2, True)])
+def test_batchnorm_uses_the_global_batch_only_across_replicas(replicas, synchronized):
+    model = build_model(spec_with())  # MobileNetV3Small: BatchNormalization in every block
+    synchronize_batchnorm(model, SimpleNamespace(num_replicas_in_sync=replicas))
+    flags = [
+        layer.synchronized
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(flags) == 34 and set(flags) == {synchronized}

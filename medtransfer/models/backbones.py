@@ -239,10 +239,11 @@ def _blocks_to_unfreeze(n_blocks: int | float, total: int) -> int:
     return max(1, round(n_blocks * total)) if n_blocks > 0 else 0
 
 
-def _all_layers(layer: keras.layers.Layer):
+def all_layers(layer: keras.layers.Layer):
+    """``layer`` and every layer nested in it, at any depth."""
     yield layer
     for inner in getattr(layer, "layers", ()):
-        yield from _all_layers(inner)
+        yield from all_layers(inner)
 
 
 def unfreeze_top(
@@ -270,7 +271,7 @@ def unfreeze_top(
         for layer in block:
             layer.trainable = index >= len(blocks) - count
     if not train_batchnorm:
-        for layer in _all_layers(model):
+        for layer in all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
     return count

@@ -8,6 +8,13 @@ it saves, so both stay off.
 
 ``training.batch_size`` stays the global batch: a strategy splits it across replicas, so a
 recipe means the same optimisation on one device or eight.
+
+Several workers (``TF_CONFIG`` naming more than one): every worker runs the same command and
+builds the same global batches (the data order and augmentation are keyed by seed and epoch,
+not by process); each takes its slice of every batch (:func:`sharded`), gradients and
+BatchNormalization statistics are summed over all replicas (:func:`synchronize_batchnorm`),
+and only the chief writes the run directory (``medtransfer.training.run``). Two workers with
+batch B train as one process with batch B, up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+
+from medtransfer.models.backbones import all_layers
 
 ONE_DEVICE, MIRRORED, MULTI_WORKER = "one_device", "mirrored", "multi_worker"
 
@@ -73,12 +82,76 @@ def _cluster(tf_config: str) -> tuple[dict, dict]:
     return config.get("cluster", {}), config.get("task", {})
 
 
+class _MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """``MultiWorkerMirroredStrategy`` whose ``reduce`` takes what Keras 3's ``fit`` gives it.
+
+    Keras's multi-worker path (keras-team/keras#20585) calls ``reduce`` with a whole ``(x, y)``
+    batch, to build the model, and with ``axis=0`` on each step's scalar loss and metrics; the
+    collective implementation takes one value at a time and fails on both ("Attempt to convert
+    a value (PerReplica ...)", "Invalid reduction dimension 0 for input with 0 dimensions").
+    Reducing leaf by leaf, a scalar across replicas, is what those calls mean. The epoch's
+    logs, which callbacks and ``history.csv`` see, are read from the metrics' variables, summed
+    over every replica, and do not go through here.
+    """
+
+    def reduce(self, reduce_op: Any, value: Any, axis: int | None = None) -> Any:
+        reduce_one = super().reduce
+
+        def leaf(v: Any) -> Any:
+            scalar = self.experimental_local_results(v)[0].shape.rank == 0
+            return reduce_one(reduce_op, v, axis=None if scalar else axis)
+
+        return tf.nest.map_structure(leaf, value)
+
+
 def make_strategy(plan: ExecutionPlan) -> tf.distribute.Strategy:
     if plan.strategy == MULTI_WORKER:
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _MultiWorkerStrategy()
     if plan.strategy == MIRRORED:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def sharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` to be split among workers by its elements (``AutoShardPolicy.DATA``).
+
+    The datasets here come from in-memory arrays: there are no files to share out, which the
+    default policy (AUTO) tries first and warns about. With DATA every worker builds the same
+    global batches and keeps its replicas' slice of each; without a distribution strategy the
+    option does nothing.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def synchronize_batchnorm(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """With more than one replica, let BatchNormalization layers that train normalise by the
+    statistics of the global batch, summed over the replicas, instead of their own slice's.
+
+    Otherwise each of two workers normalises by half a batch: a different computation from one
+    process with the same global batch, and a noisier one (medical batches are small already).
+    Layers in inference mode (frozen, or a fine-tuned pretrained backbone's) use their moving
+    statistics and are unaffected. The flag is stored in the saved model's config, where it is
+    inert: a model predicts with its moving statistics.
+    """
+    if strategy.num_replicas_in_sync < 2:
+        return
+    for layer in all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def leave_together(plan: ExecutionPlan, strategy: tf.distribute.Strategy) -> None:
+    """Multi-worker: return once every worker got here (a one-number all-reduce as a barrier).
+
+    A worker that exits while another still works (the chief writes the run after the last
+    epoch) is reported as crashed by TensorFlow's coordination service, whose heartbeat check
+    can then abort the others; so every worker stays until the last is done.
+    """
+    if plan.strategy == MULTI_WORKER:
+        one = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(1.0))
+        strategy.reduce("SUM", one, axis=None)
 
 
 def apply_precision(plan: ExecutionPlan) -> None:

@@ -64,8 +64,11 @@ from medtransfer.training.checkpoint import (
 from medtransfer.training.devices import (
     ExecutionPlan,
     apply_precision,
+    leave_together,
     make_strategy,
     plan_execution,
+    sharded,
+    synchronize_batchnorm,
 )
 from medtransfer.training.schedule import Phase, plan_phases
 
@@ -92,17 +95,51 @@ def train(
     run stays for ``resume``. A model whose validation predictions do not vary across images
     is recorded in ``run.json`` (``degenerate_model``) and warned about
     (:class:`~medtransfer.errors.DegenerateModelWarning`).
+
+    In a multi-worker cluster (``TF_CONFIG``) every worker calls this with the same arguments;
+    only the chief writes ``out`` (see :func:`_worker_scratch` for the others), and a worker
+    returns the run as the chief writes it there.
     """
     out = Path(out_dir)
     plan = plan_execution()
     strategy = make_strategy(plan)
     apply_precision(plan)
-    if not plan.is_chief:  # in a multi-worker cluster only the chief writes the run
-        out = Path(tempfile.mkdtemp(prefix="medtransfer-worker-"))
-    with _undone_if_failed_before_a_checkpoint(out):
-        run = _train(spec, out, plan, strategy, overwrite, resume, workers, callbacks)
+    if plan.is_chief:
+        with _undone_if_failed_before_a_checkpoint(out):
+            run = _train(spec, out, plan, strategy, overwrite, resume, workers, callbacks)
+    else:
+        with _worker_scratch(out, resume) as scratch:
+            info = _train(spec, scratch, plan, strategy, overwrite, resume, workers, callbacks).info
+        run = Run(out, info)
+    leave_together(plan, strategy)
     warn_degenerate(run.info.degenerate_model, f"train {out}")
     return run
+
+
+@contextmanager
+def _worker_scratch(out: Path, resume: bool) -> Iterator[Path]:
+    """The run directory of a worker other than the chief: a temporary folder, removed at the
+    end whether training succeeded or not.
+
+    Every worker must take the same steps (training's collective operations, and any that
+    saving a model or reading a metric performs, wait for all of them), so a worker writes its
+    checkpoints, model and logs as the chief does, but here, never into ``out``, the chief's
+    run. To resume it starts from the run's spec and last checkpoint, read from ``out``: the
+    same folder on a shared filesystem, or a copy of the chief's.
+    """
+    with tempfile.TemporaryDirectory(prefix="medtransfer-worker-") as scratch:
+        run_dir = Path(scratch) / "run"
+        if resume:
+            if not (out / SPEC_FILE).is_file():
+                raise RunError(
+                    f"{out} has no {SPEC_FILE}: to resume, every worker reads the chief's run "
+                    "directory; give each the same --out on a shared filesystem (or a copy)"
+                )
+            run_dir.mkdir()
+            for name in (SPEC_FILE, CHECKPOINT_FILE, RUN_FILE):  # RUN_FILE: "finished" check
+                if (out / name).is_file():
+                    shutil.copy2(out / name, run_dir / name)
+        yield run_dir
 
 
 def _train(
@@ -144,10 +181,12 @@ def _train(
         adabn,
     )
     info = _run_info(spec, state, phases, manifest, adaptation)
+    # a worker's run is thrown away: only the chief's model is worth checking
+    checked = _check_kept_model(Run(out, info), spec, splits) if plan.is_chief else None
     return rundir.write_info(
         out,
         info.replace(
-            degenerate_model=_check_kept_model(Run(out, info), spec, splits),
+            degenerate_model=checked,
             train_seconds=round(time.time() - started, 1),
             # this process's CPU time, all threads (decode worker processes not included)
             cpu_seconds=round(time.process_time() - cpu_started, 1),
@@ -392,6 +431,7 @@ def _prepare_fit(spec: Spec, out: Path, state: TrainingState, splits: _Splits) -
     steps = -(-input_count(train_x) // spec.training.batch_size)
     classifier = build_model(spec, numeric_statistics(train_x, spec.tabular))
     model = domain.training_model(classifier, spec)
+    synchronize_batchnorm(model, tf.distribute.get_strategy())
     early_stopping = _early_stopping(spec)
     return _Fit(
         spec=spec,
@@ -400,7 +440,7 @@ def _prepare_fit(spec: Spec, out: Path, state: TrainingState, splits: _Splits) -
         steps=steps,
         early_stopping=early_stopping,
         standing=_standing_callbacks(spec, out, state, classifier, model, early_stopping, steps),
-        val_data=make_dataset(*splits.val, batch_size=spec.training.batch_size),
+        val_data=sharded(make_dataset(*splits.val, batch_size=spec.training.batch_size)),
         augment=make_augmenter(spec),
         class_weight=(
             balanced_class_weights(train_y) if spec.training.class_weight == "balanced" else None
@@ -484,7 +524,7 @@ def _fit_phase(
     )
     try:
         fit.model.fit(
-            train_data,
+            sharded(train_data),
             validation_data=fit.val_data,
             initial_epoch=first,
             epochs=last,

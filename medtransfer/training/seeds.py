@@ -12,6 +12,7 @@ from medtransfer import atomic
 from medtransfer.errors import RunError
 from medtransfer.rundir import SEEDS_FILE, SPEC_FILE, SeedRuns, is_run, open_run, seed_run_dir
 from medtransfer.spec import Spec, load_spec
+from medtransfer.training.devices import plan_execution
 from medtransfer.training.run import train
 
 
@@ -45,7 +46,8 @@ def train_seeds(
             seeded = base.with_overrides(training={"seed": seed})
             runs.append(train(seeded, run_dir, overwrite=overwrite, workers=workers))
     result = SeedRuns(out, runs)
-    atomic.write_json(out / SEEDS_FILE, result.info)
+    if plan_execution().is_chief:  # the other workers of a cluster write nothing (see train)
+        atomic.write_json(out / SEEDS_FILE, result.info)
     return result
 
 
