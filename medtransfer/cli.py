@@ -126,6 +126,7 @@ def _fraction(text: str) -> float:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medtransfer.training.devices import plan_execution
     from medtransfer.training.run import train
     from medtransfer.training.seeds import train_seeds
 
@@ -141,6 +142,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = train(spec, args.out, **options)
     info = run.info
     auroc = info.best_val_auroc  # null in run.json when validation AUROC was undefined
+    if not plan_execution().is_chief:
+        print(f"worker done; the chief (worker 0) writes the run ({info.train_seconds} s)")
+        return EXIT_OK
     print(
         f"run written to {run.path}: best validation AUROC "
         f"{'undefined' if auroc is None else f'{auroc:.4f}'} "
@@ -239,12 +243,32 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from medtransfer.lean_export import check_choice
+
+    check_choice(args.format, args.quantize)
+    if args.format != "saved_model":
+        return _export_lean(args)
     from medtransfer.export import export_model
 
     path = export_model(
         args.run, args.out, overwrite=args.overwrite, tta=args.tta, calibrate=args.calibrated
     )
     print(f"SavedModel written to {path} (signatures: serving_default, predict_png)")
+    return EXIT_OK
+
+
+def _export_lean(args: argparse.Namespace) -> int:
+    from medtransfer.errors import ExportError
+    from medtransfer.lean_export import export_lean
+
+    if args.tta or args.calibrated:
+        flag = "--tta" if args.tta else "--calibrated"
+        raise ExportError(f"{flag} is built into SavedModel exports only (--format saved_model)")
+    path = export_lean(
+        args.run, args.out, fmt=args.format, quantize=args.quantize, overwrite=args.overwrite
+    )
+    kind = args.format + ("" if args.quantize == "none" else f" {args.quantize}")
+    print(f"{kind} model written to {path} (input: images at the model's size; no OOD score)")
     return EXIT_OK
 
 
@@ -461,10 +485,15 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
     ),
     "export": (
         "Export a run as a TensorFlow Serving SavedModel with its model card and thresholds "
-        "(signatures serving_default and predict_png); DIR/NAME exports the next version.",
+        "(signatures serving_default and predict_png); DIR/NAME exports the next version. "
+        "--format litert or onnx writes one lean graph file instead (LiteRT optionally float16 "
+        "or int8, calibrated on the run's validation images), with the thresholds re-checked "
+        "on it; score and evaluate take the folder like any export.",
         [
             "medtransfer export runs/breast --out models/breast/1",
             "medtransfer export runs/breast --out models/breast --calibrated",
+            "medtransfer export runs/breast --out models/breast-int8 --format litert "
+            "--quantize int8",
         ],
     ),
     "score": (
@@ -726,6 +755,18 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
         "--calibrated",
         action="store_true",
         help="apply the temperature fitted at evaluation (validation split) inside the graph",
+    )
+    export.add_argument(
+        "--format",
+        choices=["saved_model", "litert", "onnx"],
+        default="saved_model",
+        help="saved_model (TF Serving, default), litert (.tflite) or onnx (.onnx)",
+    )
+    export.add_argument(
+        "--quantize",
+        choices=["none", "float16", "int8"],
+        default="none",
+        help="litert only: float16 weights, or int8 calibrated on the run's validation images",
     )
     export.set_defaults(func=cmd_export)
 

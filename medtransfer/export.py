@@ -24,7 +24,14 @@ import tensorflow as tf
 from medtransfer import atomic
 from medtransfer.errors import DegenerateModelWarning, ExportError
 from medtransfer.evaluation.thresholds import read_thresholds, thresholds_for_json, write_thresholds
-from medtransfer.export_layout import EXPORT_GRAPH, EXPORT_INFO, EXPORT_OOD, EXPORT_PROFILE
+from medtransfer.export_layout import (
+    EXPORT_GRAPH,
+    EXPORT_INFO,
+    EXPORT_LEAN,
+    EXPORT_OOD,
+    EXPORT_PROFILE,
+    holds_graph,
+)
 from medtransfer.models.inputs import resize_images
 from medtransfer.models.layers import TemperatureScaling
 from medtransfer.models.ood import with_ood_score
@@ -466,9 +473,10 @@ def version_dir(out_dir: str | Path) -> Path:
     target = Path(out_dir)
     if _VERSION.fullmatch(target.name):
         return target
-    if (target / EXPORT_GRAPH).is_file():
+    if holds_graph(target):
+        what = "a SavedModel" if (target / EXPORT_GRAPH).is_file() else "an exported model"
         raise ExportError(
-            f"{target} holds a SavedModel directly, which TF Serving cannot load: it needs "
+            f"{target} holds {what} directly, which TF Serving cannot load: it needs "
             f"NAME/VERSION/ with VERSION a number. Move that export into a version folder "
             f"(e.g. {target / '1'}) or export to another NAME"
         )
@@ -521,7 +529,7 @@ def export_model(
         build_archive(model, info, reference).write_out(str(built), verbose=False)
         if reference is not None:
             atomic.write_json(built / EXPORT_OOD, _validation_reference(reference))
-        card = _write_assets(built, run, info, metrics, thresholds, tta=tta, calibrate=calibrate)
+        card = write_assets(built, run, info, metrics, thresholds, tta=tta, calibrate=calibrate)
         if target.exists():
             shutil.rmtree(target)
         built.rename(target)
@@ -530,6 +538,54 @@ def export_model(
     for found in card["degenerate_model"] or []:
         warnings.warn(f"export {target}: {found}", DegenerateModelWarning, stacklevel=2)
     return target
+
+
+def _thresholds_moved(lean: dict | None) -> bool:
+    recheck = (lean or {}).get("recheck")
+    return isinstance(recheck, dict) and bool(recheck.get("moved"))
+
+
+def _lean_card(markdown: str, card: dict, lean: dict) -> str:
+    """The card of a lean graph: its input and output in place of the SavedModel's signatures,
+    and a section on the graph and its validation re-check (the Markdown returned)."""
+    height, width = card["input"]["resized_inside_to"]
+    resized = f"; resized inside to {height}x{width}"
+    markdown = markdown.replace(
+        f"- Input: {card['input']['serving_default']}{resized}", f"- Input: {lean['input']}"
+    )
+    card["input"] = {
+        **{k: v for k, v in card["input"].items() if k not in ("serving_default", "predict_png")},
+        "image": lean["input"],
+    }
+    card["outputs"] = {"probabilities": lean["output"]}
+    card["lean_export"] = lean
+    kind = lean["format"] + ("" if lean["quantize"] == "none" else f", {lean['quantize']}")
+    if lean.get("scheme") == "int8_weights":  # full-integer int8 failed the validation check
+        kind += " weights only (activations quantised at run time)"
+    lines = [
+        "",
+        "## Lean export",
+        f"`{lean['graph']}` ({kind}, {lean['bytes'] / 1e6:.1f} MB). Input {lean['input']}. "
+        f"Output {lean['output']}. Details in `{EXPORT_LEAN}`.",
+    ]
+    recheck = lean.get("recheck")
+    if not isinstance(recheck, dict):
+        return markdown + "\n".join([*lines, f"Validation re-check {recheck}."]) + "\n"
+    agreement = ", ".join(f"{k} {v:.1%}" for k, v in recheck["decision_agreement"].items())
+    lines.append(
+        f"On the {recheck['images']} validation images its probabilities differ from the "
+        f"Keras model's by at most {recheck['max_abs_difference']:.2g}; same decisions: "
+        f"{agreement}."
+    )
+    if "moved" in recheck:
+        lines.append(
+            "Re-chosen on its own validation predictions, the thresholds moved: this model "
+            "ships its own (the test sensitivity and specificity above were measured for the "
+            "Keras model and are left out)."
+            if recheck["moved"]
+            else "Re-chosen on its own validation predictions, the thresholds did not move."
+        )
+    return markdown + "\n".join(lines) + "\n"
 
 
 def _validation_reference(reference: dict[str, np.ndarray]) -> dict[str, list]:
@@ -542,23 +598,31 @@ def _validation_reference(reference: dict[str, np.ndarray]) -> dict[str, list]:
     return out
 
 
-def _write_assets(
+def write_assets(
     built: Path,
     run: Run,
     info: ModelInfo,
     metrics: dict | None,
     thresholds: dict | None,
     *,
-    tta: bool,
-    calibrate: bool,
+    tta: bool = False,
+    calibrate: bool = False,
+    lean: dict | None = None,
 ) -> dict:
-    """The files beside the graph: model info, thresholds and the model card (returned)."""
+    """The files beside the graph: model info, thresholds and the model card (returned).
+
+    ``lean`` is a lean export's record (``medtransfer.lean_export``): the card then describes
+    that graph's input and output and the re-check of its thresholds."""
     atomic.write_json(built / EXPORT_INFO, info.to_json())
     if (profile := run.profile()) is not None:  # for scope checks where the export is scored
         atomic.write_json(built / EXPORT_PROFILE, profile)
     if thresholds is not None:
         write_thresholds(built / EXPORT_THRESHOLDS, thresholds)
+    if _thresholds_moved(lean):  # the test figures were measured at the Keras model's ones
+        metrics = {k: v for k, v in (metrics or {}).items() if k != "operating_points"} or None
     markdown, card = model_card(info, run.info, metrics, thresholds, _run_data_summary(run))
+    if lean is not None:
+        markdown = _lean_card(markdown, card, lean)
     if tta:
         card["test_time_augmentation"] = "built in: probabilities averaged over the views " + (
             "identity, central 90% zoom, and both mirrored"
@@ -576,8 +640,9 @@ def _write_assets(
         card["outputs"]["ood_score"] = (
             "float32 [batch]: sum over the backbone's stages of the Mahalanobis distance of the "
             "image's spatially averaged features to the training images' (each stage scaled to "
-            "average 1 on the validation images); read it as a percentile of assets.extra/ood_validation.json (validation "
-            "images); at or above the 99th, the image is unlike what the model was trained on"
+            "average 1 on the validation images); read it as a percentile of "
+            "assets.extra/ood_validation.json (validation images); at or above the 99th, the "
+            "image is unlike what the model was trained on"
         )
         markdown += f"\n## Out-of-distribution score\n`ood_score`: {card['outputs']['ood_score']}\n"
     atomic.write_text(built / "model_card.md", markdown)

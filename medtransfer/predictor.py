@@ -7,6 +7,7 @@ will be (or was) handed to TF Serving, with the window and frame policy it was t
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,13 @@ import tensorflow as tf
 
 from medtransfer.data.tabular import model_inputs
 from medtransfer.errors import ExportError
-from medtransfer.export_layout import EXPORT_GRAPH, EXPORT_INFO, EXPORT_OOD, EXPORT_PROFILE
+from medtransfer.export_layout import (
+    EXPORT_GRAPH,
+    EXPORT_INFO,
+    EXPORT_OOD,
+    EXPORT_PROFILE,
+    lean_graph,
+)
 from medtransfer.models.inputs import Inputs, input_count, take_rows, to_model_input
 from medtransfer.models.ood import with_ood_score
 from medtransfer.models.saved import load_run_model
@@ -195,11 +202,7 @@ class KerasPredictor(Predictor):
             info = replace(info, ood_validation=ood_reference["validation_scores"])
         super().__init__(info, batch_size)
         self.model = model
-        self._scoring = (
-            model
-            if ood_reference is None
-            else with_ood_score(model, ood_reference)
-        )
+        self._scoring = model if ood_reference is None else with_ood_score(model, ood_reference)
         self._call = tf.function(self._inference, reduce_retracing=True)
 
     def _inference(self, inputs: Inputs):
@@ -235,8 +238,90 @@ class SavedModelPredictor(Predictor):
         return out["probabilities"].numpy(), ood
 
 
+class LiteRTPredictor(Predictor):
+    """Through a LiteRT (``.tflite``) graph with the ``ai-edge-litert`` interpreter (TensorFlow's
+    own ``tf.lite.Interpreter`` is deprecated). The graph takes images at exactly the model's
+    size, which ``predict`` already resizes to outside it; it computes no OOD score."""
+
+    def __init__(self, path: Path, info: ModelInfo, batch_size: int = 32):
+        super().__init__(info, batch_size)
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise ExportError(
+                f"{path} is a LiteRT model: install medtransfer's lean extra "
+                "(pip install 'medtransfer[lean]') to run it"
+            ) from None
+        self._interpreter = Interpreter(model_path=str(path), num_threads=_cpu_threads())
+        self._runner = self._interpreter.get_signature_runner()
+        self._input = next(iter(self._runner.get_input_details()))
+        self._output = next(iter(self._runner.get_output_details()))
+
+    def _predict_chunk(self, chunk: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
+        images = np.ascontiguousarray(_images_only(chunk), np.float32)
+        return self._runner(**{self._input: images})[self._output].astype(np.float32), None
+
+
+class OnnxPredictor(Predictor):
+    """Through an ONNX graph with ONNX Runtime on the CPU. Like the LiteRT graph it takes images
+    at the model's size and computes no OOD score."""
+
+    def __init__(self, path: Path, info: ModelInfo, batch_size: int = 32):
+        super().__init__(info, batch_size)
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ExportError(
+                f"{path} is an ONNX model: install medtransfer's lean extra "
+                "(pip install 'medtransfer[lean]') to run it"
+            ) from None
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = _cpu_threads()
+        options.log_severity_level = 3
+        self._session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+
+    def _predict_chunk(self, chunk: Inputs) -> tuple[np.ndarray, np.ndarray | None]:
+        images = np.ascontiguousarray(_images_only(chunk), np.float32)
+        return self._session.run(None, {self._input: images})[0].astype(np.float32), None
+
+
+def _images_only(chunk: Inputs) -> np.ndarray:
+    if isinstance(chunk, dict):  # lean exports refuse tabular models; guard an edited folder
+        raise ExportError("a lean export takes images only, not tabular features")
+    return chunk
+
+
+def _cpu_threads() -> int:
+    """The cores this process may use (TensorFlow uses them all for the SavedModel too)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _export_info(folder: Path) -> ModelInfo:
+    """An export's ModelInfo from the assets beside its graph: classes, image policy, profile
+    and (where the graph computes one) the validation OOD scores."""
+    info_file = folder / EXPORT_INFO
+    if not info_file.is_file():
+        raise ExportError(f"{folder} holds a model graph without {EXPORT_INFO}")
+    info = ModelInfo.from_json(json.loads(info_file.read_text()))
+    profile_file = folder / EXPORT_PROFILE
+    if profile_file.is_file():
+        info = replace(info, profile=json.loads(profile_file.read_text()))
+    ood_file = folder / EXPORT_OOD
+    if ood_file.is_file():
+        scores = json.loads(ood_file.read_text())["validation_scores"]
+        info = replace(info, ood_validation=np.asarray(scores, np.float32))
+    return info
+
+
+_LEAN_PREDICTORS = {"litert": LiteRTPredictor, "onnx": OnnxPredictor}
+
+
 def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False) -> Predictor:
-    """A predictor for a run directory (``run.json``) or an export (``saved_model.pb``).
+    """A predictor for a run directory (``run.json``), a SavedModel export (``saved_model.pb``)
+    or a lean export (``model.tflite`` / ``model.onnx``, the folder or the file itself).
 
     ``tta`` averages a run's model over test-time views (``medtransfer.models.tta``); an
     export is a fixed graph, so TTA there is chosen when exporting (``export --tta``).
@@ -257,18 +342,11 @@ def load_predictor(path: str | Path, batch_size: int = 32, *, tta: bool = False)
             "with export --tta, which has it built in)"
         )
     if (source / EXPORT_GRAPH).is_file():
-        info_file = source / EXPORT_INFO
-        if not info_file.is_file():
-            raise ExportError(f"{source} is a SavedModel without {EXPORT_INFO}")
-        info = ModelInfo.from_json(json.loads(info_file.read_text()))
-        profile_file = source / EXPORT_PROFILE
-        if profile_file.is_file():
-            info = replace(info, profile=json.loads(profile_file.read_text()))
-        ood_file = source / EXPORT_OOD
-        if ood_file.is_file():
-            scores = json.loads(ood_file.read_text())["validation_scores"]
-            info = replace(info, ood_validation=np.asarray(scores, np.float32))
-        return SavedModelPredictor(source, info, batch_size)
+        return SavedModelPredictor(source, _export_info(source), batch_size)
+    if (lean := lean_graph(source)) is not None:
+        fmt, graph = lean
+        return _LEAN_PREDICTORS[fmt](graph, _export_info(graph.parent), batch_size)
     raise ExportError(
-        f"{source} is neither a run directory ({RUN_FILE}) nor an exported model (saved_model.pb)"
+        f"{source} is neither a run directory ({RUN_FILE}) nor an exported model "
+        "(saved_model.pb, model.tflite or model.onnx)"
     )

@@ -18,7 +18,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "medtransfer"
 
 # Layers by module prefix: what each must not import (a prefix covers its submodules).
-ABOVE_TRAINING = ("medtransfer.evaluation", "medtransfer.export", "medtransfer.scoring")
+ABOVE_TRAINING = (
+    "medtransfer.evaluation",
+    "medtransfer.export",
+    "medtransfer.lean_export",  # the Export layer's LiteRT / ONNX graphs
+    "medtransfer.scoring",
+)
 INFERENCE = ("medtransfer.predictor",)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     # Models know no Data and no Training: a model is built from a spec, not from files
@@ -35,6 +40,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "medtransfer.predictor": ("medtransfer.training", *ABOVE_TRAINING),
     "medtransfer.evaluation": ("medtransfer.training", "medtransfer.export", "medtransfer.scoring"),
     "medtransfer.export": ("medtransfer.training", "medtransfer.scoring"),
+    "medtransfer.lean_export": ("medtransfer.training", "medtransfer.scoring"),
     "medtransfer.scoring": ("medtransfer.training", "medtransfer.evaluation", "medtransfer.export"),
     "medtransfer.ray_scoring": (
         "medtransfer.training",
@@ -251,7 +257,9 @@ def test_the_length_check_counts_code_not_docstrings(tmp_path):
     assert dict(function_lengths(source.parent)) == {"pkg.mod:f": 4, "pkg.mod:C.g": 2}
 
 
-@pytest.mark.parametrize("module", ["evaluation", "export.py", "scoring.py", "predictor.py"])
+@pytest.mark.parametrize(
+    "module", ["evaluation", "export.py", "lean_export.py", "scoring.py", "predictor.py"]
+)
 def test_readers_of_runs_reach_them_through_rundir(module):
     """No reader retypes the run directory's file names: they come from ``rundir``."""
     paths = (
