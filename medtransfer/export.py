@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -515,28 +516,42 @@ def export_model(
         raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
     info = ModelInfo.from_run_info(run.info)
     metrics, thresholds = _evaluation(run, tta)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def build(built: Path) -> dict:
         model = load_run_model(run)
         if tta:
             model = tta_model(model, mirror=may_mirror(run.info.modality))
+        graph_thresholds = thresholds
         if calibrate:
-            model, thresholds = calibrated(model, thresholds, info.task)
-        built = staging / "model"
+            model, graph_thresholds = calibrated(model, thresholds, info.task)
         # a TTA or calibrated graph's output is not the one pass the features describe
         reference = None if tta or calibrate else run.ood_reference()
         build_archive(model, info, reference).write_out(str(built), verbose=False)
         if reference is not None:
             atomic.write_json(built / EXPORT_OOD, _validation_reference(reference))
-        card = write_assets(built, run, info, metrics, thresholds, tta=tta, calibrate=calibrate)
+        return write_assets(
+            built, run, info, metrics, graph_thresholds, tta=tta, calibrate=calibrate
+        )
+
+    return publish_version(target, build)
+
+
+def publish_version(target: Path, build: Callable[[Path], dict]) -> Path:
+    """Build a version folder in a temporary sibling and rename it into place, so TF Serving
+    (watching ``NAME/``) never sees half a version; ``build`` fills the folder it is given and
+    returns the model card, whose degenerate-model findings are warned about."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        built = staging / "model"
+        card = build(built)
         if target.exists():
             shutil.rmtree(target)
         built.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for found in card["degenerate_model"] or []:
-        warnings.warn(f"export {target}: {found}", DegenerateModelWarning, stacklevel=2)
+        warnings.warn(f"export {target}: {found}", DegenerateModelWarning, stacklevel=3)
     return target
 
 

@@ -18,8 +18,6 @@ and in the model card. The OOD score is not carried: lean exports output probabi
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,9 +29,9 @@ import tensorflow as tf
 
 from medtransfer import atomic
 from medtransfer.data.pipeline import load_images
-from medtransfer.errors import DegenerateModelWarning, ExportError, MedtransferError
+from medtransfer.errors import ExportError, MedtransferError
 from medtransfer.evaluation.clinical import ClinicalSettings, choose_operating_points
-from medtransfer.export import _evaluation, _has_class, version_dir, write_assets
+from medtransfer.export import _evaluation, _has_class, publish_version, version_dir, write_assets
 from medtransfer.export_layout import EXPORT_INFO, EXPORT_LEAN, LEAN_GRAPHS
 from medtransfer.models.layers import ModelResizing
 from medtransfer.models.saved import load_run_model
@@ -304,20 +302,12 @@ def export_lean(
             "cannot give them (no manifest or validation split, or its images are not readable "
             "here): export float16 or onnx, or export where the run's data is"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        built = staging / "model"
+
+    def build(built: Path) -> dict:
         built.mkdir()
-        card = _build(built, run, info, model, lean, validation, fmt, quantize)
-        if target.exists():
-            shutil.rmtree(target)
-        built.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for found in card["degenerate_model"] or []:
-        warnings.warn(f"export {target}: {found}", DegenerateModelWarning, stacklevel=2)
-    return target
+        return _build(built, run, info, model, lean, validation, fmt, quantize)
+
+    return publish_version(target, build)
 
 
 def _build(

@@ -62,8 +62,8 @@ from medtransfer.scoring import (
     _prob_columns,
     _Scope,
     _summary,
-    _tags,
     _tally,
+    decoding,
 )
 
 LISTING_SHARD = 64  # paths per listing file: the unit a killed run resumes from
@@ -108,14 +108,7 @@ def score_folder_ray(
     start = time.monotonic()
     root, out = check_paths(input_dir, out_csv)
     predictor = load_predictor(model)
-    how = _Decoding(
-        predictor.window,
-        predictor.frames,
-        tuple(predictor.image_size),
-        predictor.channels,
-        _tags(predictor.tabular),
-        limits.max_pixels,
-    )
+    how = decoding(predictor, limits)
     staging = out.with_name(out.name + STAGING_SUFFIX)
     output = _output(out, predictor.class_names, resume=False)  # holds the output's lock
     with output:

@@ -162,6 +162,19 @@ class _Decoding(NamedTuple):
     max_pixels: int | None
 
 
+def decoding(predictor: Predictor, limits: DecodeLimits) -> _Decoding:
+    """How files are decoded for ``predictor``: its window, frames, size, channels, the tags its
+    tabular features read, and the pixel budget."""
+    return _Decoding(
+        predictor.window,
+        predictor.frames,
+        tuple(predictor.image_size),
+        predictor.channels,
+        _tags(predictor.tabular),
+        limits.max_pixels,
+    )
+
+
 def _decode_file(path: str, how: _Decoding) -> _Decoded:
     """Runs in a decode worker; an ImageReadError becomes the file's error row. The image is
     resized here, to the model's size: what crosses the pipe is 200 KB at 224 px rather than
@@ -225,14 +238,7 @@ def score_folder(
     root, out = check_paths(input_dir, out_csv)
     output = _output(out, predictor.class_names, resume)
     local = LocalFirst(is_uncompressed_dicom) if decode_here and workers else None
-    how = _Decoding(
-        predictor.window,
-        predictor.frames,
-        tuple(predictor.image_size),
-        predictor.channels,
-        _tags(predictor.tabular),
-        limits.max_pixels,
-    )
+    how = decoding(predictor, limits)
     pool = FolderPool(
         root,
         _decode_file,
