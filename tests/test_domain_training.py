@@ -298,7 +298,10 @@ def test_dann_trains_end_to_end_in_a_traced_graph(manifest, tmp_path):
     assert len(checkpoint.model_values) > len(load_run_model(run.path).variables)
 
 
-@pytest.mark.parametrize("method", ["coral", "mmd"])
+@pytest.mark.parametrize(
+    "method",
+    ["coral", pytest.param("mmd", marks=pytest.mark.slow)],  # one alignment by default
+)
 def test_alignment_methods_train_end_to_end(manifest, tmp_path, method):
     spec = make_spec(manifest, adapting(method))
     with eagerly():
@@ -310,6 +313,7 @@ def test_alignment_methods_train_end_to_end(manifest, tmp_path, method):
         assert 0.0 <= report.separability["auroc"] <= 1.0
 
 
+@pytest.mark.slow  # two DANN runs (~50 s); test_cli resumes a SIGKILLed run to the same weights
 def test_resumed_dann_run_matches_the_uninterrupted_one(manifest, tmp_path):
     spec = make_spec(manifest, adapting("dann"), epochs=2)
     with eagerly():

@@ -60,6 +60,7 @@ def test_member_weights_follow_validation_auroc_above_chance():
     assert member_weights([0.9, 0.7, 0.5]) == pytest.approx([2 / 3, 1 / 3, 1e-6 / 0.6], rel=1e-5)
 
 
+@pytest.mark.slow  # the CLI end to end on an ensemble (~50 s); combining is tested exactly above
 def test_ensemble_run_evaluates_exports_and_compares_like_any_run(members, tmp_path):
     from medtransfer.export import export_model
 

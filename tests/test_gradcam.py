@@ -85,7 +85,14 @@ FAMILIES = ["resnet50", "densenet121", "efficientnetb0", "mobilenetv3small", "co
 EXPECTED_LAYER = {"resnet50": "conv5_block3_out", "efficientnetb0": "top_activation"}
 
 
-@pytest.mark.parametrize("backbone", FAMILIES)
+@pytest.mark.parametrize(
+    "backbone",
+    # DenseNet and ConvNeXt (~25 s together) in the slow set: the default suite's time budget
+    [
+        pytest.param(b, marks=pytest.mark.slow) if b in ("densenet121", "convnexttiny") else b
+        for b in FAMILIES
+    ],
+)
 def test_default_layer_is_the_last_feature_map_and_heatmaps_are_well_formed(backbone):
     keras.utils.set_random_seed(0)
     model = build_model(make_spec(backbone))

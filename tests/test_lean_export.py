@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from medtransfer.errors import ExportError
 from medtransfer.evaluation.thresholds import read_thresholds, write_thresholds
@@ -185,6 +186,7 @@ def test_recheck_without_evaluation_records_only_agreement():
     assert "not evaluated" in check["thresholds"]
 
 
+@pytest.mark.slow  # two more int8 conversions (~45 s); the int8 export above runs the check
 def test_int8_falls_back_to_weights_only_then_refuses_when_decisions_change(
     breast_run, tmp_path, monkeypatch
 ):
@@ -278,9 +280,11 @@ def test_evaluate_runs_a_lean_export_through_the_predictor(exports, breast_run):
     keras = compute_assessment(breast_run, spec, **kwargs)
     assert lean.metrics["n_images"] == keras.metrics["n_images"] == 156
     difference = lean.predictions["prob_malignant"] - keras.predictions["prob_malignant"]
-    assert np.abs(difference).max() <= 1e-3
+    # the float16 graph ran (its probabilities are not the Keras model's), within parity; the
+    # AUROCs are not compared: this 3-epoch model is near chance, where 1e-3 reorders images
+    assert 0 < np.abs(difference).max() <= 1e-3
     assert lean.metrics["auroc"]["macro"] == pytest.approx(
-        keras.metrics["auroc"]["macro"], abs=1e-3
+        roc_auc_score(lean.predictions["y_malignant"], lean.predictions["prob_malignant"])
     )
     assert "gradcam" not in lean.figures
 

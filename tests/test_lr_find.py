@@ -179,6 +179,7 @@ def folders(tmp_path_factory):
     return make_png_folders(tmp_path_factory.mktemp("lrf") / "data", per_class=8)
 
 
+@pytest.mark.slow  # a whole range test (~35 s); the callback's stop is tested on its own
 def test_diverging_range_test_writes_its_curve(folders, tmp_path):
     probe = Probe()
     steps, min_lr, max_lr = 16, 1e-4, 1e3
