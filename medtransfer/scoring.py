@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
@@ -51,8 +52,6 @@ from medtransfer.io.resize import model_pixels
 from medtransfer.scope import percentiles, scope_verdict
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from medtransfer.spec import TabularFeature
 
 __all__ = [
@@ -60,10 +59,13 @@ __all__ = [
     "INTENSITY_COLUMNS",
     "SCOPE_COLUMNS",
     "WORKER_DIED",
+    "FileSource",
     "Predictor",
+    "ScoreOptions",
     "ScoreSummary",
     "ScoringError",
     "crawl",
+    "score_files",
     "score_folder",
 ]
 
@@ -232,34 +234,87 @@ def score_folder(
     Raises ScoringError or FolderError (both ValueErrors) for bad arguments, e.g. an ``out_csv``
     inside ``input_dir``: it would be crawled as an input, and nothing may be written there.
     """
-    if workers < 0 or batch_size < 1:
-        raise ScoringError(f"need workers >= 0 and batch_size >= 1, got {workers} and {batch_size}")
-    start = time.monotonic()
+    options = ScoreOptions(workers, batch_size, resume, progress, limits, strict, ood_percentile)
     root, out = check_paths(input_dir, out_csv)
-    output = _output(out, predictor.class_names, resume)
-    local = LocalFirst(is_uncompressed_dicom) if decode_here and workers else None
-    how = decoding(predictor, limits)
+    source = FileSource(root, crawl(root), local=decode_here)
+    return score_files(source, predictor, out, options)
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How a scoring run goes, whatever its files are (see ``score_folder``)."""
+
+    workers: int = 2
+    batch_size: int = 16
+    resume: bool = False
+    progress: bool = True
+    limits: DecodeLimits = DEFAULT_LIMITS
+    strict: bool = False
+    ood_percentile: float = DEFAULT_OOD_PERCENTILE
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.batch_size < 1:
+            raise ScoringError(
+                f"need workers >= 0 and batch_size >= 1, got {self.workers} and {self.batch_size}"
+            )
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Where a scoring run's files come from and how each becomes a model input.
+
+    ``names``: the files under ``root``, in output order (a folder's crawl, or the instances a
+    PACS listed, staged under ``root`` as they are fetched). ``decode(path, how, *extra)`` runs
+    in a decode worker and returns a ``_Decoded``; the ``expected`` exceptions it raises are the
+    file's error row as they are. ``local``: uncompressed DICOM may be decoded in this process
+    (``LocalFirst``). ``on_rows`` sees each batch's rows before they are written, and returns
+    the rows to write: what must exist before a row counts as done (a structured report) is
+    made there, so a resumed run never skips a file whose extra output is missing.
+    """
+
+    root: str
+    names: Iterable[str]
+    local: bool = True
+    decode: Callable[..., _Decoded] = _decode_file
+    extra: tuple = ()
+    expected: tuple[type[Exception], ...] = (ImageReadError,)
+    on_rows: Callable[[list[list[str]]], list[list[str]]] | None = None
+
+
+def score_files(
+    source: FileSource, predictor: Predictor, out: Path, options: ScoreOptions = ScoreOptions()
+) -> ScoreSummary:
+    """Score ``source``'s files into ``out``: the engine behind ``score_folder`` and the PACS
+    input (``medtransfer.pacs``), so both get the same decoding, limits, scope checks, error
+    rows, lock, resume and atomic output. ``out`` must already be checked (``check_paths``)."""
+    start = time.monotonic()
+    workers, batch_size = options.workers, options.batch_size
+    output = _output(out, predictor.class_names, options.resume)
+    local = LocalFirst(is_uncompressed_dicom) if source.local and workers else None
+    how = decoding(predictor, options.limits)
     pool = FolderPool(
-        root,
-        _decode_file,
-        (how,),
+        source.root,
+        source.decode,
+        (how, *source.extra),
         workers=workers,
-        expected=(ImageReadError,),
+        expected=source.expected,
         local=local,
-        limits=limits,
+        limits=options.limits,
     )
-    scope = _Scope(strict, ood_percentile)
+    scope = _Scope(options.strict, options.ood_percentile)
     counts: Counter[str] = Counter()
+    hidden = not options.progress
     with (
         output,
         pool,
-        tqdm(desc="scoring", unit=" files", disable=not progress, dynamic_ncols=True) as bar,
+        tqdm(desc="scoring", unit=" files", disable=hidden, dynamic_ncols=True) as bar,
     ):
         # One batch being assembled and one decoding ahead of it, plus a file per worker: enough
         # to keep workers busy while the model runs, few enough to bound memory (decoded images).
         max_in_flight = 2 * (batch_size + max(workers, 1))
-        decoded = pool.imap(output.pending(crawl(root)), max_in_flight)
-        for rows in _score_batches(decoded, predictor, batch_size, local, scope):
+        decoded = pool.imap(output.pending(source.names), max_in_flight)
+        for batch_rows in _score_batches(decoded, predictor, batch_size, local, scope):
+            rows = source.on_rows(batch_rows) if source.on_rows else batch_rows
             output.write(rows)
             counts.update(key for row in rows for key in _tally(row))
             bar.update(len(rows))

@@ -50,6 +50,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "medtransfer.folder_pool": ("medtransfer.training", "medtransfer.evaluation"),
     "medtransfer.folder_output": ("medtransfer.training", "medtransfer.evaluation"),
     "medtransfer.inspect": ("medtransfer.training", "medtransfer.evaluation"),
+    # PACS input and reports are Scoring: an export is read through its layout, not export.py
+    "medtransfer.pacs": (
+        "medtransfer.training",
+        "medtransfer.evaluation",
+        "medtransfer.export",
+        *INFERENCE,
+    ),
 }
 # The lowest layers, by what they may import at all.
 ONLY: dict[str, tuple[str, ...]] = {
