@@ -1,0 +1,149 @@
+"""A robustness assessment on disk: robustness.json, robustness.csv, two PNG figures and a
+self-contained robustness.html, each written atomically.
+
+The figures and the page follow the evaluation report's conventions (matplotlib ``Figure``
+objects without pyplot, escaped HTML with embedded PNGs and no scripts), so a robustness page
+can be archived or mailed beside report.html.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from medtransfer import atomic
+from medtransfer.evaluation.html_report import _STYLE, _figures, _number, _range, _table
+from medtransfer.evaluation.report_files import _png
+from medtransfer.evaluation.robustness import Robustness
+
+
+def _band(ax, x, rows: pd.DataFrame, label: str, marker: str) -> None:
+    """AUROC against ``x`` with its bootstrap interval as a shaded band."""
+    (line,) = ax.plot(x, rows["auroc"], marker=marker, lw=1.8, label=label)
+    low, high = rows["auroc_ci_bootstrap_low"], rows["auroc_ci_bootstrap_high"]
+    if low.notna().all():
+        ax.fill_between(
+            x, low.astype(float), high.astype(float), color=line.get_color(), alpha=0.15
+        )
+
+
+def adversarial_figure(table: pd.DataFrame, title: str = "AUROC under attack") -> Figure:
+    """AUROC against epsilon (in 255ths of the [0, 1] range), one line per attack, starting
+    from the clean AUROC at epsilon 0, with bootstrap intervals."""
+    fig = Figure(figsize=(5.5, 4), dpi=110)
+    ax = fig.subplots()
+    clean = table[table["kind"] == "clean"]
+    for method, marker in (("fgsm", "o"), ("pgd", "s")):
+        rows = pd.concat([clean, table[table["kind"] == method]])
+        if len(rows) > 1:
+            _band(ax, 255 * rows["level"].to_numpy(float), rows, method.upper(), marker)
+    ax.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
+    ax.set(xlabel="epsilon (grey levels of 255, L∞)", ylabel="AUROC", ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def corruption_figure(table: pd.DataFrame, title: str = "AUROC under corruptions") -> Figure:
+    """AUROC against severity (0 = clean), one line per corruption."""
+    fig = Figure(figsize=(6.5, 4.2), dpi=110)
+    ax = fig.subplots()
+    clean = table[table["kind"] == "clean"]
+    corrupted = table[table["kind"] == "corruption"]
+    markers = "os^vDPX*"
+    for i, name in enumerate(dict.fromkeys(corrupted["name"])):
+        rows = pd.concat([clean, corrupted[corrupted["name"] == name]])
+        ax.plot(
+            rows["level"].to_numpy(float), rows["auroc"], marker=markers[i % len(markers)],
+            lw=1.5, label=name,
+        )  # fmt: skip
+    ax.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
+    ax.set(xlabel="severity (0 = clean)", ylabel="AUROC", ylim=(0, 1.01), title=title)
+    ax.set_xticks(np.arange(0, 6))
+    ax.legend(loc="lower left", fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _rows(table: pd.DataFrame) -> list[list[str]]:
+    out = []
+    for row in table.itertuples():
+        level = f"{row.epsilon_255:g}/255" if row.kind in ("fgsm", "pgd") else f"{row.level:g}"
+        delong = None if pd.isna(row.auroc_ci_delong_low) else (
+            row.auroc_ci_delong_low, row.auroc_ci_delong_high)  # fmt: skip
+        boot = None if pd.isna(row.auroc_ci_bootstrap_low) else (
+            row.auroc_ci_bootstrap_low, row.auroc_ci_bootstrap_high)  # fmt: skip
+        accuracy = None if pd.isna(row.accuracy_ci_low) else (
+            row.accuracy_ci_low, row.accuracy_ci_high)  # fmt: skip
+        out.append(
+            [escape(row.kind), escape(row.name), level, _number(row.auroc), _range(delong),
+             _range(boot), f"{_number(row.accuracy)} {_range(accuracy)}"]
+        )  # fmt: skip
+    return out
+
+
+def render_robustness(result: Robustness, figures: dict[str, bytes]) -> str:
+    """robustness.html as a string; ``figures`` maps a caption to PNG bytes."""
+    metrics, summary = result.metrics, result.metrics["summary"]
+    level = round(100 * metrics["settings"]["level"])
+    header = ["kind", "name", "epsilon / severity", "AUROC", f"{level}% CI, DeLong",
+              f"{level}% CI, bootstrap", "accuracy (Wilson CI)"]  # fmt: skip
+    skipped = metrics.get("attacks_skipped")
+    attacks = (
+        f"<p class='flag'>No attacks: {escape(skipped)}</p>" if skipped else
+        "<p class='note'>Attacks: " + escape("; ".join(_attack_text(a) for a in metrics["attacks"]))
+        + f" against the true labels with the {escape(metrics['attack_loss'])} loss.</p>"
+    )  # fmt: skip
+    model = metrics["provenance"]["model"]
+    title = (
+        f"{model['name']}: robustness on {metrics['split']} (n={metrics['provenance']['n_images']})"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title><style>{_STYLE}</style></head><body>
+<h1>{escape(title)}</h1>
+<p>Model folder <code>{escape(model["folder"])}</code> ({escape(model["kind"])}). Clean AUROC
+{_number(summary["clean_auroc"])}; mean AUROC over every corruption and severity
+{_number(summary["mean_corruption_auroc"])}.</p>{attacks}
+<h2>Conditions</h2>{_table(header, _rows(result.table))}
+<h2>Figures</h2>{_figures(figures)}
+<p class="note">Epsilon is in pixel units of the [0, 1] model input (1/255 = one grey level of
+an 8-bit image); the gradient runs through the whole model, in-graph preprocessing included.
+AUROC intervals as in report.html ({metrics["settings"]["bootstrap_resamples"]} bootstrap
+resamples, seed {metrics["settings"]["ci_seed"]}); accuracy: Wilson score interval.</p>
+</body></html>
+"""
+
+
+def _attack_text(attack: dict) -> str:
+    start = ", random start" if attack["random_start"] else ""
+    return (
+        f"{attack['method'].upper()} epsilon {255 * attack['epsilon']:g}/255: "
+        f"{attack['steps']} step(s) of {255 * attack['step_size']:.3g}/255{start}"
+    )
+
+
+def write_robustness(result: Robustness, out_dir: str | Path) -> Path:
+    """robustness.json, robustness.csv, adversarial.png (when attacked), corruptions.png and
+    robustness.html in ``out_dir``, each replaced atomically. Returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out / "robustness.json", result.metrics)
+    atomic.write_text(out / "robustness.csv", result.table.to_csv(index=False))
+    figures = {}
+    if "attacks" in result.metrics:
+        figures["adversarial"] = ("AUROC against epsilon", adversarial_figure(result.table))
+    figures["corruptions"] = ("AUROC against severity", corruption_figure(result.table))
+    pngs = {}
+    for name, (caption, figure) in figures.items():
+        pngs[caption] = _png(figure)
+        atomic.write_bytes(out / f"{name}.png", pngs[caption])
+    atomic.write_text(out / "robustness.html", render_robustness(result, pngs))
+    return out
