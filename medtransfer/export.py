@@ -10,6 +10,7 @@ the features (float32 with NaN for a missing number; string with "" for a missin
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -539,7 +540,9 @@ def export_model(
 def publish_version(target: Path, build: Callable[[Path], dict]) -> Path:
     """Build a version folder in a temporary sibling and rename it into place, so TF Serving
     (watching ``NAME/``) never sees half a version; ``build`` fills the folder it is given and
-    returns the model card, whose degenerate-model findings are warned about."""
+    returns the model card, whose degenerate-model findings are warned about. A build that
+    fails leaves no trace: not even the ``NAME/`` folder, if this call made it."""
+    missing = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -548,6 +551,12 @@ def publish_version(target: Path, build: Callable[[Path], dict]) -> Path:
         if target.exists():
             shutil.rmtree(target)
         built.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in missing:  # innermost first; a folder something else filled stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for found in card["degenerate_model"] or []:

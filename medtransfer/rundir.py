@@ -38,6 +38,7 @@ THRESHOLDS_FILE = "thresholds.json"
 PROFILE_FILE = "profile.json"  # what the training images were (medtransfer.data.profile)
 OOD_FILE = "ood_reference.npz"  # stage taps, means, precisions; validation OOD scores, probs
 SEEDS_FILE = "seeds.json"  # a seeds folder: one run per seed, seed_<N>/
+UNLABELED_FILE = "unlabeled.json"  # a pretrain run: the unlabelled sources it reads
 RUN_WEIGHTS = "run:"  # model.weights "run:DIR": start from the backbone run DIR trained
 _VERSIONED = ("medtransfer", "tensorflow", "keras", "numpy", "pydicom", "pandas", "scikit-learn")
 
@@ -101,6 +102,9 @@ class RunInfo:
     backbone: str
     weights: str
     modality: str = "other"
+    # "train": a classifier; "pretrain": a self-supervised encoder (model.keras maps images to
+    # features, not probabilities), whose use is as a run: weight source. Older runs: "train".
+    kind: str = "train"
     seed: int | list[int | None] | None = None
     data_fingerprint: str | None = None
     images: dict[str, int] = field(default_factory=dict)  # per split
@@ -112,6 +116,9 @@ class RunInfo:
     best_val_auroc: float | None = None
     domain_adaptation: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     ensemble: dict[str, Any] | None = None
+    # fine_tune.method and, per phase, trainable / total parameters (models.peft)
+    fine_tune: dict[str, Any] | None = None
+    pretraining: dict[str, Any] | None = None  # a pretrain run: objective, images, loss curve
     degenerate_model: dict[str, Any] | None = None
     train_seconds: float | None = None
     cpu_seconds: float | None = None  # the training process's CPU time, all threads

@@ -115,6 +115,26 @@ PRESETS: dict[str, dict[str, Setting]] = {
         "blur": Setting(0.2, 1.0),
     },
 }
+# Self-supervised pretraining (``medtransfer pretrain``) compares two views of one image: the
+# views must differ enough that agreeing on them means knowing what is in the image, not where
+# its pixels are. Stronger and more frequent than the training presets: crop-like zoom and
+# shift, intensity changes, blur and erasing (SimSiam's crops, colour jitter and blur, for
+# grey images). No flips (radiographs keep their laterality), and no label mixing (no labels).
+# Not a spec preset: the pretrain verb applies it on top of nothing else.
+SSL_PRESET = "ssl"
+PRETRAINING_PRESETS: dict[str, dict[str, Setting]] = {
+    SSL_PRESET: {
+        "rotation": Setting(0.8, 15.0),
+        "zoom": Setting(0.8, 0.3),
+        "translation": Setting(0.8, 0.15),
+        "contrast": Setting(0.8, 0.4),
+        "brightness": Setting(0.8, 0.2),
+        "gamma": Setting(0.5, 0.4),
+        "blur": Setting(0.5, 1.0),
+        "noise": Setting(0.3, 0.03),
+        "erasing": Setting(0.3, 0.2),
+    },
+}
 MODALITY_PRESETS = {
     "xray": "xray",
     "mammography": "light",

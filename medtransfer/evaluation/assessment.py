@@ -132,8 +132,50 @@ def compute_assessment(
         raise SpecError(f"{spec.origin}: the {split} split has no images")
     with DecodePool(workers) as pool:  # one pool's start-up for the split and val
         probabilities = _predict(predictor, rows, pool)
-        y = targets(rows, spec.classes)
-        val = _validate(predictor, spec, source, split, rows, probabilities, settings, pool)
+        val_rows = rows if split == "val" else _split_rows(spec, source, "val")
+        if split == "val":
+            p_val = probabilities
+        elif val_rows.empty:  # nothing to choose thresholds on
+            p_val = None
+        else:
+            p_val = _predict(predictor, val_rows, pool)
+    return assessment_from_probabilities(
+        source,
+        info,
+        rows,
+        probabilities,
+        val_rows,
+        p_val,
+        split=split,
+        settings=settings,
+        tta=tta,
+        predictor=predictor,
+    )
+
+
+def assessment_from_probabilities(
+    source: Path,
+    info: ModelInfo,
+    rows: pd.DataFrame,
+    probabilities: np.ndarray,
+    val_rows: pd.DataFrame,
+    val_probabilities: np.ndarray | None,
+    *,
+    split: str,
+    settings: ClinicalSettings,
+    tta: bool = False,
+    predictor: Predictor | None = None,
+) -> Assessment:
+    """Everything the report shows, from the probabilities of ``split``'s ``rows`` and of the
+    validation rows (where operating points and the temperature are chosen).
+
+    ``evaluate`` gets them from a model; a linear probe (``medtransfer.evaluation.probe``) from
+    a classifier on frozen features, so both are judged by the same code. Grad-CAM examples
+    need a ``predictor`` (a network to explain) and are left out without one; ``source`` is
+    the model folder the provenance names.
+    """
+    y = targets(rows, info.class_names)
+    val = _validate(info, val_rows, val_probabilities, settings)
     metrics = _metrics(source, split, rows, y, probabilities, val, info, settings, tta)
     metrics["provenance"] = provenance(source, info, split, rows)
     metrics["threshold_selection"] = _selection(val, info)
@@ -150,7 +192,7 @@ def compute_assessment(
         metrics=metrics,
         predictions=_predictions_table(rows, y, probabilities, info.class_names),
         thresholds=threshold_record,
-        figures=_figures(predictor, rows, y, probabilities, val, metrics, settings, title),
+        figures=_figures(info, predictor, rows, y, probabilities, val, metrics, settings, title),
         title=title,
     )
 
@@ -190,24 +232,17 @@ class _Validation:
 
 
 def _validate(
-    predictor: Predictor,
-    spec: Spec,
-    source: Path,
-    split: str,
-    rows: pd.DataFrame,
-    probabilities: np.ndarray,
+    info: ModelInfo,
+    val_rows: pd.DataFrame,
+    p_val: np.ndarray | None,
     settings: ClinicalSettings,
-    pool: DecodePool,
 ) -> _Validation:
     """Operating points and the calibration temperature, chosen on the validation split (the
     split being evaluated when that is val; none when the validation split is empty)."""
-    info = predictor.info
-    val_rows = rows if split == "val" else _split_rows(spec, source, "val")
-    if val_rows.empty:
-        return _Validation(val_rows, np.zeros((0, len(spec.classes))), None, {}, None)
-    p_val = probabilities if split == "val" else _predict(predictor, val_rows, pool)
-    y_val = targets(val_rows, spec.classes)
     classes, task, positive = info.class_names, info.task, info.positive_class
+    if val_rows.empty:
+        return _Validation(val_rows, np.zeros((0, len(classes))), None, {}, None)
+    y_val = targets(val_rows, classes)
     return _Validation(
         val_rows,
         y_val,
@@ -292,7 +327,8 @@ def _metrics(
 
 
 def _figures(
-    predictor: Predictor,
+    info: ModelInfo,
+    predictor: Predictor | None,
     rows: pd.DataFrame,
     y: np.ndarray,
     probabilities: np.ndarray,
@@ -301,8 +337,8 @@ def _figures(
     settings: ClinicalSettings,
     title: str,
 ) -> dict[str, ReportFigure]:
-    """The report's figures: ROC, reliability (binary and multiclass), Grad-CAM."""
-    info = predictor.info
+    """The report's figures: ROC, reliability (binary and multiclass), Grad-CAM (with a
+    ``predictor``)."""
     classes, task, positive = info.class_names, info.task, info.positive_class
     roc_title = f"{info.name}: ROC on {metrics['split']} (n={len(y)})"
     marked = {
@@ -322,7 +358,7 @@ def _figures(
     if "uncalibrated" in metrics["calibration"]:
         figure = reliability_figure(metrics["calibration"], title=title)
         figures["reliability"] = ReportFigure("Reliability", figure)
-    if settings.gradcam_examples:
+    if settings.gradcam_examples and predictor is not None:
         headline = metrics["subgroups_class"]
         cut = val.thresholds.get(headline, {}).get("youden", 0.5)
         without = val.rows.iloc[np.flatnonzero(val.y[:, classes.index(headline)] == 0)]

@@ -27,6 +27,7 @@ from medtransfer.models.layers import (
     StandardizeWithMissing,
 )
 from medtransfer.models.losses import MaskedAUC, MaskedBinaryAccuracy, MaskedMultilabelLoss
+from medtransfer.models.peft import enable_lora
 from medtransfer.models.saved import load_run_model
 from medtransfer.rundir import RUN_WEIGHTS, open_run
 from medtransfer.spec import Spec
@@ -39,17 +40,11 @@ def build_model(
 ) -> keras.Model:
     """The model for ``spec``; ``tabular_statistics`` (``medtransfer.data.tabular``) gives the
     training mean and sd of each numeric tabular feature, which the model standardises with."""
-    height, width = spec.image.size
-    backbone_info = get_backbone(spec.model.backbone)
     inputs = keras.Input((None, None, spec.image.channels), name="image")
-    x = ModelResizing(height, width, antialias=True, name="resize")(inputs)
-    x = ChannelAdapter(3, name="to_rgb")(x)
-    x = BackbonePreprocessing(backbone_info.preprocessing, name="backbone_preprocessing")(x)
-    backbone = _backbone_with_weights(spec, (height, width, 3))
-    backbone.name = "backbone"
-    if spec.model.weights == "none":
-        _fast_batchnorm_statistics(backbone)
-    x = backbone(x)
+    x, backbone = _image_features(spec, inputs)
+    tune = spec.training.fine_tune
+    if tune.method == "lora":  # before any training or checkpoint: the variables are fixed now
+        enable_lora(backbone, tune.rank)
     if spec.tabular:
         tabular_inputs, tabular = _tabular_branch(spec, tabular_statistics or {})
         x = keras.layers.Concatenate(name="fusion")([x, tabular])
@@ -60,6 +55,30 @@ def build_model(
         len(spec.classes), activation=activation, dtype="float32", name="probabilities"
     )(x)
     return keras.Model(inputs, outputs, name=f"medtransfer_{spec.name}")
+
+
+def build_encoder(spec: Spec) -> keras.Model:
+    """Images in [0, 1] -> the backbone's pooled features, with the classifier's own in-graph
+    preprocessing and a layer named ``backbone``: what self-supervised pretraining trains and
+    saves (so ``run:`` takes its backbone), and what a linear probe extracts features with."""
+    inputs = keras.Input((None, None, spec.image.channels), name="image")
+    features, _ = _image_features(spec, inputs)
+    return keras.Model(inputs, features, name=f"encoder_{spec.name}")
+
+
+def _image_features(spec: Spec, inputs: keras.KerasTensor) -> tuple[keras.KerasTensor, keras.Model]:
+    """Resize, channels, the backbone's normalisation, then the backbone (named ``backbone``):
+    its pooled output, and the backbone."""
+    height, width = spec.image.size
+    backbone_info = get_backbone(spec.model.backbone)
+    x = ModelResizing(height, width, antialias=True, name="resize")(inputs)
+    x = ChannelAdapter(3, name="to_rgb")(x)
+    x = BackbonePreprocessing(backbone_info.preprocessing, name="backbone_preprocessing")(x)
+    backbone = _backbone_with_weights(spec, (height, width, 3))
+    backbone.name = "backbone"
+    if spec.model.weights == "none":
+        _fast_batchnorm_statistics(backbone)
+    return backbone(x), backbone
 
 
 def _tabular_branch(
@@ -114,7 +133,7 @@ def _backbone_from_run(run_dir: Path, spec: Spec, input_shape: tuple[int, int, i
             f"run {run_dir} trained a {source_run.info.backbone} backbone; this spec asks "
             f"for {spec.model.backbone}"
         )
-    source = load_run_model(source_run).get_layer("backbone")
+    source = load_run_model(source_run, encoder=True).get_layer("backbone")
     # Through a weights file rather than set_weights: loading a file is what refreshes derived
     # state such as EfficientNet's Normalization statistics and its ImageNet stem rescaling.
     with tempfile.TemporaryDirectory() as folder:

@@ -1,0 +1,185 @@
+"""Pretraining without ImageNet (issue 21): SimSiam on the training images vs training from
+scratch at the same CPU budget, linear probes, and LoRA / norm-only fine-tuning.
+
+    python benchmarks/ssl_pretrain.py --out OUT --arm ssl        # pretrain, probes, fine-tunes
+    python benchmarks/ssl_pretrain.py --out OUT --arm scratch    # from scratch (both budgets)
+    python benchmarks/ssl_pretrain.py --out OUT --table          # the table of what finished
+
+Arms run one row after another and skip rows already in ``OUT/results/``, so a killed arm is
+restarted by running it again; the two arms can run at the same time. Every model is judged
+once on the test split with the clinical report of ``evaluate`` (a probe with the same code).
+CPU minutes are the training processes' CPU time (``run.json`` ``cpu_seconds``; probes: this
+process's CPU time for the probe), excluding evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from medtransfer.evaluation.clinical import ClinicalSettings
+from medtransfer.evaluation.probe import probe
+from medtransfer.evaluation.report import evaluate
+from medtransfer.rundir import is_run, open_run
+from medtransfer.spec import Spec, load_spec
+from medtransfer.training.pretrain import pretrain
+from medtransfer.training.run import train
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = ClinicalSettings(bootstrap_resamples=500, gradcam_examples=0)
+# Fine-tuning a self-supervised backbone: a short head phase, then every block at the full rate
+# with BatchNormalization training (fine_tune.batchnorm auto does that for run: sources); the
+# schedule that worked best for a medical source (benchmarks/RESULTS.md, issue 4).
+SSL_FINE_TUNE = {"head_epochs": 2, "unfreeze": 1000, "learning_rate_factor": 1.0}
+
+
+def _save(out: Path, row: str, record: dict) -> None:
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / f"{row}.json").write_text(json.dumps(record, indent=1))
+    print(f"[{time.strftime('%H:%M:%S')}] {row}: {record}", flush=True)
+
+
+def _done(out: Path, row: str) -> bool:
+    return (out / "results" / f"{row}.json").is_file()
+
+
+def _train_and_test(out: Path, row: str, spec: Spec, note: str) -> None:
+    """Train ``spec`` (resuming a killed run), evaluate it once on test, record the row."""
+    if _done(out, row):
+        return
+    run_dir = out / "runs" / row
+    started = run_dir.is_dir() and not is_run(run_dir)
+    run = (
+        open_run(run_dir)
+        if is_run(run_dir)
+        else train(None if started else spec, run_dir, resume=started)
+    )
+    report = evaluate(run.path, spec, out_dir=out / "reports" / row, settings=SETTINGS)
+    phases = (run.info.fine_tune or {}).get("phases", {})
+    last = phases.get("fine_tune") or phases.get("full") or {}
+    _save(
+        out,
+        row,
+        {
+            "test_auroc": report.auroc,
+            "test_accuracy": report.metrics["accuracy"],
+            "best_val_auroc": run.info.best_val_auroc,
+            "cpu_min": round(run.info.cpu_seconds / 60, 1),
+            "wall_min": round(run.info.train_seconds / 60, 1),
+            "trainable_params": last.get("trainable_params"),
+            "total_params": last.get("total_params"),
+            "note": note,
+        },
+    )
+
+
+def _probe(out: Path, row: str, spec: Spec, weights: str) -> None:
+    if _done(out, row):
+        return
+    cpu, wall = time.process_time(), time.time()
+    result = probe(spec, weights, out / "reports" / row, settings=SETTINGS)
+    _save(
+        out,
+        row,
+        {
+            "test_auroc": result.auroc,
+            "test_accuracy": result.metrics["accuracy"],
+            "best_val_auroc": result.val_auroc[result.c],
+            "cpu_min": round((time.process_time() - cpu) / 60, 2),
+            "wall_min": round((time.time() - wall) / 60, 2),
+            "note": f"C={result.c:g}, {result.feature_dim} features",
+        },
+    )
+
+
+def ssl_arm(out: Path, spec: Spec, ssl_epochs: int, epochs: int) -> None:
+    """Probe on random features, SimSiam, a probe on its features, then fine-tuning from it."""
+    _probe(out, "probe_random", spec, "none")
+    ssl_dir = out / "runs" / "ssl_pretrain"
+    if not is_run(ssl_dir):
+        resume = ssl_dir.is_dir()
+        ssl_spec = spec.with_overrides(training={"epochs": ssl_epochs, "batch_size": 64})
+        pretrain(None if resume else ssl_spec, ssl_dir, resume=resume)
+    info = open_run(ssl_dir).info
+    if not _done(out, "ssl_pretrain"):
+        record = {
+            "cpu_min": round(info.cpu_seconds / 60, 1),
+            "wall_min": round(info.train_seconds / 60, 1),
+        }
+        _save(out, "ssl_pretrain", {**record, "loss": info.pretraining["loss"]})
+    source = f"run:{ssl_dir}"
+    _probe(out, "probe_ssl", spec, source)
+    tuned = {"epochs": epochs, "fine_tune": SSL_FINE_TUNE}
+    _train_and_test(
+        out, "ft_full_ssl", spec.with_overrides(model={"weights": source}, training=tuned), "full"
+    )
+    for method, extra in (("lora", {"lora_rank": 8}), ("norm", {})):
+        fine_tune = {**SSL_FINE_TUNE, "method": method, **extra}
+        tuned_spec = spec.with_overrides(
+            model={"weights": source}, training={**tuned, "fine_tune": fine_tune}
+        )
+        _train_and_test(out, f"ft_{method}_ssl", tuned_spec, method)
+
+
+def scratch_arm(out: Path, spec: Spec, budget_epochs: int, epochs: int) -> None:
+    """The shipped recipe from random weights: at the SSL arm's total budget, and as shipped."""
+    _train_and_test(
+        out, "scratch_budget", spec.with_overrides(training={"epochs": budget_epochs}), "scratch"
+    )
+    _train_and_test(
+        out, "scratch_default", spec.with_overrides(training={"epochs": epochs}), "scratch"
+    )
+    _probe(out, "probe_scratch", spec, f"run:{out / 'runs' / 'scratch_default'}")
+
+
+def table(out: Path) -> str:
+    lines = [
+        "| row | test AUROC | test accuracy | val AUROC | CPU min | wall min "
+        "| trainable / total params | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted((out / "results").glob("*.json")):
+        r = json.loads(path.read_text())
+        params = (
+            f"{r['trainable_params']:,} / {r['total_params']:,}"
+            if r.get("trainable_params")
+            else ""
+        )
+
+        def fmt(key: str, r: dict = r) -> str:
+            return "" if r.get(key) is None else f"{r[key]:.3f}"
+
+        lines.append(
+            f"| {path.stem} | {fmt('test_auroc')} | {fmt('test_accuracy')} "
+            f"| {fmt('best_val_auroc')} "
+            f"| {r.get('cpu_min', '')} | {r.get('wall_min', '')} | {params} | {r.get('note', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--spec", type=Path, default=REPO / "data_specs" / "breastmnist.yaml")
+    parser.add_argument("--arm", choices=["ssl", "scratch"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ssl-epochs", type=int, default=10)
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="fine-tuning / shipped scratch epochs"
+    )
+    parser.add_argument("--budget-epochs", type=int, default=40, help="scratch at the SSL budget")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    spec = load_spec(args.spec).with_overrides(training={"seed": args.seed})
+    if args.arm == "ssl":
+        ssl_arm(args.out, spec, args.ssl_epochs, args.epochs)
+    elif args.arm == "scratch":
+        scratch_arm(args.out, spec, args.budget_epochs, args.epochs)
+    if args.table or not args.arm:
+        print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
