@@ -26,7 +26,12 @@ from medtransfer.errors import DegenerateModelWarning, MedtransferError
 from medtransfer.spec import Preset
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-_RESUMABLE = {"train": "--resume", "score": "--resume", "inspect": "--resume"}
+_RESUMABLE = {
+    "train": "--resume",
+    "pretrain": "--resume",
+    "score": "--resume",
+    "inspect": "--resume",
+}
 
 
 # Verbs whose work imports TensorFlow; the others (inspect, compare, backbones, ...) never load it.
@@ -35,7 +40,10 @@ _TF_VERBS = frozenset(
         "train",
         "augment-preview",
         "lr-find",
+        "pretrain",
+        "probe",
         "evaluate",
+        "robustness",
         "ensemble",
         "export",
         "score",
@@ -153,6 +161,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from medtransfer.training.pretrain import pretrain
+
+    if not args.resume and not args.spec:
+        raise MedtransferError("--spec is required (or --resume to carry on an unfinished run)")
+    spec = _spec_with_overrides(args) if args.spec else None
+    run = pretrain(
+        spec,
+        args.out,
+        unlabeled=args.unlabeled,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        workers=args.workers,
+    )
+    info, loss = run.info, run.info.pretraining["loss"]
+    print(
+        f"pretraining run written to {run.path}: {info.epochs_run} epochs on "
+        f"{sum(info.images.values())} images, loss {loss[0]:.4f} -> {loss[-1]:.4f} "
+        f"({info.train_seconds} s); use it with --weights run:{run.path}"
+    )
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from medtransfer.evaluation.clinical import ClinicalSettings
+    from medtransfer.evaluation.probe import probe
+    from medtransfer.spec import load_spec
+
+    spec = load_spec(args.spec)
+    settings = ClinicalSettings(bootstrap_resamples=args.bootstrap, seed=args.ci_seed)
+    result = probe(spec, args.weights, args.out, workers=args.workers, settings=settings)
+    print(result.summary())
+    print(f"report written to {result.out_dir} (report.html, metrics.json, predictions.csv, ...)")
+    return EXIT_OK
+
+
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from medtransfer.training.lr_find import lr_find
 
@@ -222,6 +266,71 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _epsilon_list(text: str) -> tuple[float, ...]:
+    """Epsilons as numbers or fractions of 255 ("1/255,2/255,4/255"), each in [0, 1]."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            top, _, bottom = part.partition("/")
+            value = float(top) / float(bottom or 1)
+        except (ValueError, ZeroDivisionError):
+            value = -1.0
+        if not 0 <= value <= 1:
+            message = f"expected epsilons such as 2/255 or 0.01, got {part!r}"
+            raise argparse.ArgumentTypeError(message)
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one epsilon")
+    return tuple(values)
+
+
+def _auroc_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from medtransfer.evaluation.clinical import ClinicalSettings
+    from medtransfer.evaluation.corruptions import CORRUPTIONS
+    from medtransfer.evaluation.robustness import RobustnessSettings, assess_robustness
+    from medtransfer.evaluation.robustness_report import write_robustness
+    from medtransfer.rundir import SPEC_FILE
+    from medtransfer.spec import load_spec
+
+    spec_path = args.spec or Path(args.model) / SPEC_FILE
+    if not Path(spec_path).is_file():
+        raise MedtransferError(f"no spec given and {spec_path} does not exist; pass --spec SPEC")
+    chosen = CORRUPTIONS if args.corruptions == "all" else args.corruptions.split(",")
+    names = [n.strip() for n in chosen if n.strip()]
+    unknown = sorted(set(names) - set(CORRUPTIONS))
+    if unknown:
+        raise MedtransferError(f"unknown corruption(s) {unknown}; choose from {list(CORRUPTIONS)}")
+    settings = RobustnessSettings(
+        epsilons=args.epsilons,
+        pgd_steps=args.pgd_steps,
+        pgd_step_size=args.pgd_step_size,
+        random_start=not args.no_random_start,
+        corruptions=tuple(names),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        clinical=ClinicalSettings(bootstrap_resamples=args.bootstrap, seed=args.ci_seed),
+    )
+    spec = load_spec(spec_path)
+    result = assess_robustness(
+        args.model, spec, split=args.split, workers=args.workers, settings=settings
+    )
+    out = write_robustness(result, args.out)
+    summary = result.metrics["summary"]
+    print(f"clean AUROC {_auroc_text(summary['clean_auroc'])}")
+    for method, values in summary["adversarial_auroc"].items():
+        shown = ", ".join(f"{eps} {_auroc_text(auc)}" for eps, auc in values.items())
+        print(f"{method.upper()} AUROC at epsilon {shown}")
+    if "attacks_skipped" in result.metrics:
+        print(f"no attacks: {result.metrics['attacks_skipped']}")
+    print(f"mean corruption AUROC {_auroc_text(summary['mean_corruption_auroc'])}")
+    print(f"written to {out} (robustness.json, robustness.csv, robustness.html, PNG figures)")
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from medtransfer import atomic
     from medtransfer.evaluation.compare import compare_reports, comparison_summary
@@ -274,8 +383,15 @@ def _export_lean(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from medtransfer.predictor import load_predictor
-    from medtransfer.scoring import score_folder
+    from medtransfer.scoring import ScoringError, score_folder
 
+    if bool(args.dicomweb) == bool(args.input_dir):
+        raise ScoringError("give INPUT_DIR or --dicomweb URL (one of them)")
+    if args.dicomweb:
+        return _score_dicomweb(args)
+    pacs_only = [f"--{n.replace('_', '-')}" for n in _PACS_ONLY if getattr(args, n)]
+    if pacs_only:
+        raise ScoringError(f"{', '.join(pacs_only)}: only with --dicomweb URL")
     if args.engine == "ray":
         return _score_on_ray(args)
     predictor = load_predictor(args.model, batch_size=args.batch_size)
@@ -291,6 +407,43 @@ def cmd_score(args: argparse.Namespace) -> int:
         limits=_decode_limits(args),
         strict=args.strict,
         ood_percentile=args.ood_percentile,
+    )
+    print(summary)
+    return summary.exit_code
+
+
+_PACS_ONLY = ("study", "query", "series_rules", "sr", "stow")
+
+
+def _score_dicomweb(args: argparse.Namespace) -> int:
+    from medtransfer.pacs.client import Server
+    from medtransfer.pacs.rules import DEFAULT_RULES
+    from medtransfer.pacs.score import Reports, score_dicomweb
+    from medtransfer.pacs.sr import algorithm_of
+    from medtransfer.predictor import load_predictor
+    from medtransfer.scoring import ScoreOptions, ScoringError
+
+    if args.engine != "local":
+        raise ScoringError("--dicomweb scores with the local engine only")
+    reports = None
+    if args.sr or args.stow:
+        algorithm, decisions = algorithm_of(args.model, args.operating_point)
+        stow = Server(args.stow, args.dicomweb_timeout) if args.stow else None
+        folder = Path(args.sr) if args.sr else None
+        reports = Reports(algorithm, tuple(decisions), folder, stow)
+    server = Server(args.dicomweb, args.dicomweb_timeout)
+    predictor = load_predictor(args.model, batch_size=args.batch_size)
+    options = ScoreOptions(args.workers, args.batch_size, args.resume, not args.no_progress,
+                           _decode_limits(args), args.strict, args.ood_percentile)  # fmt: skip
+    summary = score_dicomweb(
+        server,
+        predictor,
+        args.out,
+        study=args.study,
+        query=args.query,
+        rules=args.series_rules or DEFAULT_RULES,
+        reports=reports,
+        options=options,
     )
     print(summary)
     return summary.exit_code
@@ -443,6 +596,31 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
             "medtransfer train --out runs/breast --resume",
         ],
     ),
+    "pretrain": (
+        "Self-supervised pretraining (SimSiam) of the spec's backbone on its training images "
+        "and any unlabelled folders or specs, never the validation or test images; the run "
+        "directory is a weight source for train (--weights run:DIR). Batch size, learning "
+        "rate, epochs and seed are the spec's training values (flags override them); --resume "
+        "carries on a killed run from its last finished epoch.",
+        [
+            "medtransfer pretrain --spec data_specs/breastmnist.yaml --out runs/ssl --epochs 20",
+            "medtransfer pretrain --spec cxr.yaml --out runs/ssl --unlabeled /archive/cxr/",
+            "medtransfer train --spec data_specs/breastmnist.yaml --out runs/b "
+            "--weights run:runs/ssl",
+        ],
+    ),
+    "probe": (
+        "Linear probe: a logistic regression on the frozen backbone's pooled features (and the "
+        "spec's tabular features), fitted on the training split with its regularisation chosen "
+        "on validation, reported on the test split with the clinical report of evaluate. "
+        "Measures what a weight source is worth in seconds.",
+        [
+            "medtransfer probe --spec data_specs/breastmnist.yaml --weights run:runs/ssl "
+            "--out reports/probe-ssl",
+            "medtransfer probe --spec data_specs/breastmnist.yaml --weights none "
+            "--out reports/probe-random",
+        ],
+    ),
     "augment-preview": (
         "Draw training images beside augmented versions of them, as one PNG grid, to check "
         "that the spec's augmentation (preset plus options) looks plausible before training.",
@@ -472,6 +650,21 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
             "--split val --out reports/breast-val",
         ],
     ),
+    "robustness": (
+        "How a model holds up on one split: AUROC and accuracy (with intervals) under FGSM and "
+        "PGD attacks at each epsilon (L-infinity, in pixel units of the [0, 1] input, through "
+        "the whole model and its preprocessing) and under Gaussian noise, blur, contrast, "
+        "gamma, JPEG, down-and-up sampling and rotation at 5 severities each, written as "
+        "robustness.json, robustness.csv, robustness.html and PNG figures. Attacks need a run "
+        "directory; an export gets the corruptions only.",
+        [
+            "medtransfer robustness runs/breast --out robustness/breast",
+            "medtransfer robustness runs/breast --spec data_specs/breastmnist.yaml --split test "
+            "--out robustness/breast --epsilons 1/255,2/255,4/255 --pgd-steps 20",
+            "medtransfer robustness models/breast/1 --spec data_specs/breastmnist.yaml "
+            "--out robustness/export",
+        ],
+    ),
     "compare": (
         "Compare two evaluation reports made on the same images with a paired DeLong test of "
         "their AUROCs; prints the difference, its interval and the p-value.",
@@ -499,12 +692,15 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
     "score": (
         "Score every image or DICOM file under a folder with an exported model or a run "
         "directory, one row per file in a CSV (or Parquet). A file that cannot be read becomes "
-        "an error row and the exit code 1; --resume keeps rows already written.",
+        "an error row and the exit code 1; --resume keeps rows already written. --dicomweb URL "
+        "scores a PACS's instances instead, and --sr / --stow write DICOM SRs of the results.",
         [
             "medtransfer score incoming/ --model models/breast/1 --out scores.csv",
             "medtransfer score incoming/ --model runs/breast --out scores.csv --resume",
             "medtransfer score /mnt/archive --model models/breast/1 --out /mnt/out/scores.csv "
             "--engine ray --address auto",
+            "medtransfer score --dicomweb http://pacs:8042/dicom-web --study 1.2.840.1.2 "
+            "--model models/breast/1 --out scores.csv --sr reports/",
         ],
     ),
     "monitor": (
@@ -654,6 +850,44 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
 
+def _add_pretrain(verbs: argparse._SubParsersAction) -> None:
+    pretrain = _verb(verbs, "pretrain", "self-supervised pretraining into a run: a weight source")
+    pretrain.add_argument("--spec", help="data spec YAML (with --resume: the run's own)")
+    pretrain.add_argument("--out", required=True, help="run directory to create")
+    pretrain.add_argument(
+        "--unlabeled",
+        nargs="+",
+        default=[],
+        metavar="DIR_OR_SPEC",
+        help="folders of DICOM or image files, or specs whose training split is added unlabelled",
+    )
+    what = pretrain.add_mutually_exclusive_group()
+    what.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    what.add_argument(
+        "--resume", action="store_true", help="carry on a killed run from its last epoch"
+    )
+    _add_workers(pretrain)
+    _add_training_overrides(pretrain)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+
+def _add_probe(verbs: argparse._SubParsersAction) -> None:
+    probe = _verb(verbs, "probe", "linear probe of frozen backbone features, clinical report")
+    probe.add_argument("--spec", required=True, help="data spec YAML")
+    probe.add_argument(
+        "--weights",
+        required=True,
+        help="imagenet, none (random features), a weights file, or run:DIR (train or pretrain)",
+    )
+    probe.add_argument("--out", required=True, help="report directory")
+    _add_workers(probe)
+    probe.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals"
+    )
+    probe.add_argument("--ci-seed", type=int, default=0, help="bootstrap seed")
+    probe.set_defaults(func=cmd_probe)
+
+
 def _add_augment_preview(verbs: argparse._SubParsersAction) -> None:
     preview = _verb(
         verbs, "augment-preview", "training images beside their augmented versions, as a PNG grid"
@@ -715,6 +949,41 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=cmd_evaluate)
 
 
+def _add_robustness(verbs: argparse._SubParsersAction) -> None:
+    robust = _verb(verbs, "robustness", "AUROC under adversarial attacks and corruptions")
+    robust.add_argument("model", metavar="RUN_DIR", help="run directory (or an exported model)")
+    robust.add_argument("--spec", help="data spec (default: the run's own spec.yaml)")
+    robust.add_argument(
+        "--split", default="test", choices=["train", "val", "test"], help="split to assess"
+    )
+    robust.add_argument("--out", required=True, help="folder for the robustness files")
+    _add_workers(robust)
+    robust.add_argument(
+        "--epsilons",
+        type=_epsilon_list,
+        default="1/255,2/255,4/255",
+        help="attack budgets, L-infinity in pixel units of the [0, 1] input",
+    )
+    robust.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
+    robust.add_argument(
+        "--pgd-step-size", type=float, help="PGD step (default: 2.5 * epsilon / steps)"
+    )
+    robust.add_argument("--no-random-start", action="store_true", help="PGD starts at the image")
+    robust.add_argument(
+        "--corruptions",
+        default="all",
+        help="comma-separated, from gaussian_noise, blur, contrast, gamma, jpeg, downsample, "
+        "rotation",
+    )
+    robust.add_argument("--seed", type=int, default=0, help="random starts and corruption draws")
+    robust.add_argument("--batch-size", type=int, default=32, help="images attacked at a time")
+    robust.add_argument(
+        "--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals"
+    )
+    robust.add_argument("--ci-seed", type=int, default=0, help="bootstrap seed")
+    robust.set_defaults(func=cmd_robustness)
+
+
 def _add_compare(verbs: argparse._SubParsersAction) -> None:
     compare = _verb(
         verbs, "compare", "paired DeLong test of two evaluation reports on the same images"
@@ -773,7 +1042,9 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
 
 def _add_score(verbs: argparse._SubParsersAction) -> None:
     score = _verb(verbs, "score", "score every file under a folder into a CSV")
-    score.add_argument("input_dir", metavar="INPUT_DIR", help="folder scored recursively")
+    score.add_argument(
+        "input_dir", metavar="INPUT_DIR", nargs="?", help="folder scored recursively"
+    )
     score.add_argument("--model", required=True, help="exported model or run directory")
     score.add_argument(
         "--out", required=True, help="scores.csv to write (a .parquet name writes Parquet)"
@@ -823,7 +1094,36 @@ def _add_score(verbs: argparse._SubParsersAction) -> None:
             help=f"with --engine ray: {kind[:-1]} actors (default: half the cluster's CPUs)",
         )
     _add_folder_run(score)
+    _add_pacs(score)
     score.set_defaults(func=cmd_score)
+
+
+def _add_pacs(score: argparse.ArgumentParser) -> None:
+    """``score --dicomweb``: a PACS in place of INPUT_DIR, SRs out (README, "PACS")."""
+    pacs = score.add_argument_group("PACS (instead of INPUT_DIR)")
+    pacs.add_argument("--dicomweb", metavar="URL", help="DICOMweb root to read (QIDO/WADO-RS)")
+    pacs.add_argument("--study", metavar="UID", help="with --dicomweb: the study to score")
+    pacs.add_argument(
+        "--query", metavar="Q", help='with --dicomweb: QIDO-RS series filters, "Modality=DX&..."'
+    )
+    pacs.add_argument(
+        "--series-rules", metavar="YAML", help="which series to score (default: the built-in rules)"
+    )
+    pacs.add_argument(
+        "--dicomweb-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a DICOMweb request may wait for an answer (default: %(default)g)",
+    )
+    pacs.add_argument("--sr", metavar="DIR", help="write one DICOM SR per scored instance here")
+    pacs.add_argument("--stow", metavar="URL", help="store the SRs to this DICOMweb root (STOW-RS)")
+    pacs.add_argument(
+        "--operating-point",
+        default="youden",
+        metavar="NAME",
+        help="the export's threshold the SR's decision uses (default: %(default)s)",
+    )
 
 
 # The defaults of monitoring.MonitorThresholds (a test holds them equal), spelled out here so
@@ -938,7 +1238,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_augment_preview,
         _add_lr_find,
+        _add_pretrain,
+        _add_probe,
         _add_evaluate,
+        _add_robustness,
         _add_compare,
         _add_ensemble,
         _add_export,

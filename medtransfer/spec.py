@@ -181,18 +181,78 @@ class FineTuneSpec(_Strict):
     weights come from another medtransfer run (a small medical source whose statistics rarely
     fit the target: on PneumoniaMNIST -> BreastMNIST test AUROC 0.838 frozen vs 0.894 trained,
     benchmarks/RESULTS.md) and freezes it otherwise.
+
+    ``method`` says what trains in phase 2 (``medtransfer.models.peft``): ``full`` (default)
+    the top ``unfreeze`` blocks whole; ``lora`` low-rank updates of rank ``lora_rank`` to every
+    Conv2D and Dense kernel of the backbone (kernels frozen; BatchNormalization as
+    ``batchnorm`` says); ``norm`` only normalisation scales and offsets and the biases.
+    ``lora`` and ``norm`` adapt the whole backbone, so ``unfreeze`` does not apply to them.
     """
 
     head_epochs: Annotated[int, Field(ge=0)] = 3
     unfreeze: Annotated[float, Field(gt=0)] = 0.25
     learning_rate_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
     batchnorm: Literal["auto", "frozen", "train"] = "auto"
+    method: Literal["full", "lora", "norm"] = "full"
+    lora_rank: Annotated[int, Field(ge=1, le=256)] | None = None  # None: 4 for method lora
+
+    @model_validator(mode="after")
+    def _rank_needs_lora(self) -> FineTuneSpec:
+        if self.lora_rank is not None and self.method != "lora":
+            raise ValueError(f"lora_rank applies to method: lora only (method is {self.method})")
+        return self
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank in use (``lora_rank``, default 4)."""
+        return self.lora_rank or 4
 
     def trains_batchnorm(self, weights: str) -> bool:
         """Whether phase 2 lets BatchNormalization train, for these ``model.weights``."""
         if self.batchnorm == "auto":
             return weights.startswith("run:")
         return self.batchnorm == "train"
+
+
+class AdversarialSpec(_Strict):
+    """Adversarial training (``medtransfer.training.adversarial``): every batch is attacked
+    (L∞, ``epsilon`` in pixel units of the [0, 1] image, e.g. ``2/255``) with the weights
+    frozen, and the loss is ``(1 - weight) * clean + weight * adversarial``.
+
+    ``pgd`` takes ``steps`` (default 3) signed steps of ``step_size`` (default ``2.5 *
+    epsilon / steps``) from a random point of the ε-ball (``random_start``, default true);
+    ``fgsm`` is one step of size ``epsilon`` from the image, so those three are not its
+    settings (left out, they stay null in the stored spec).
+    """
+
+    method: Literal["pgd", "fgsm"] = "pgd"
+    epsilon: Annotated[float, Field(gt=0, le=0.25)] = 2 / 255
+    steps: Annotated[int, Field(ge=1, le=100)] | None = None
+    step_size: Annotated[float, Field(gt=0, le=0.25)] | None = None
+    random_start: bool | None = None
+    weight: Annotated[float, Field(gt=0, le=1)] = 0.5
+
+    @field_validator("epsilon", "step_size", mode="before")
+    @classmethod
+    def _fraction_of_255(cls, value: Any) -> Any:
+        # "2/255" reads as grey levels of an 8-bit image, the way such budgets are quoted
+        if isinstance(value, str) and re.fullmatch(r"\s*[\d.]+\s*/\s*[\d.]+\s*", value):
+            top, bottom = (float(part) for part in value.split("/"))
+            if bottom == 0:
+                raise ValueError(f"{value!r} divides by zero")
+            return top / bottom
+        return value
+
+    @model_validator(mode="after")
+    def _fgsm_is_one_step(self) -> AdversarialSpec:
+        fields = ("steps", "step_size", "random_start")
+        given = [name for name in fields if getattr(self, name) is not None]
+        if self.method == "fgsm" and given:
+            raise ValueError(
+                f"method fgsm is one step of size epsilon from the image; {', '.join(given)} "
+                "only apply to method pgd"
+            )
+        return self
 
 
 class TrainingSpec(_Strict):
@@ -208,6 +268,7 @@ class TrainingSpec(_Strict):
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: Annotated[float, Field(ge=0)] = 2.0
     fine_tune: FineTuneSpec = FineTuneSpec()
+    adversarial: AdversarialSpec | None = None  # None: plain training
 
     @model_validator(mode="after")
     def _warmup_leaves_epochs(self) -> TrainingSpec:
@@ -424,6 +485,36 @@ class Spec(_Strict):
                 f"domain_adaptation method {adaptation.method} does not support tabular "
                 "features yet (the alignment and AdaBN work on image features only); remove "
                 "tabular or use method: none"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adversarial_fits(self) -> Spec:
+        """Adversarial training attacks the image of a plain classifier's batch: a tabular
+        model's other inputs, or a domain-adaptation model's paired batches, are not that."""
+        if self.training.adversarial is None:
+            return self
+        if self.tabular:
+            raise ValueError(
+                "training.adversarial attacks images only; a model with tabular features is "
+                "not supported: remove tabular or training.adversarial"
+            )
+        method = self.domain_adaptation.method
+        if ADAPTATION_METHODS[method].aligns_features:
+            raise ValueError(
+                f"training.adversarial cannot be combined with domain_adaptation method "
+                f"{method} (it trains its own model on paired batches); use none or adabn"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_need_pretrained_weights(self) -> Spec:
+        method = self.training.fine_tune.method
+        if method != "full" and self.model.weights.lower() == "none":
+            raise ValueError(
+                f"training.fine_tune.method {method} adapts a pretrained backbone, but "
+                "model.weights is none (random weights, trained whole in one phase): use "
+                "method full, or weights imagenet, a weights file or run:RUN"
             )
         return self
 

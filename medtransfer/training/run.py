@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from medtransfer.models import ood
 from medtransfer.models.build import balanced_class_weights, build_model, compile_model
 from medtransfer.models.degenerate import degenerate_model, warn_degenerate
 from medtransfer.models.inputs import Inputs, input_count
+from medtransfer.models.peft import apply_method, trainable_share
 from medtransfer.models.saved import load_run_model
 from medtransfer.rundir import (
     CHECKPOINT_FILE,
@@ -54,7 +55,7 @@ from medtransfer.rundir import (
     package_versions,
 )
 from medtransfer.spec import Spec, dump_spec, load_spec
-from medtransfer.training import domain
+from medtransfer.training import adversarial, domain
 from medtransfer.training.checkpoint import (
     Checkpoint,
     EpochCheckpoint,
@@ -70,7 +71,7 @@ from medtransfer.training.devices import (
     sharded,
     synchronize_batchnorm,
 )
-from medtransfer.training.schedule import Phase, plan_phases
+from medtransfer.training.schedule import Phase, find_backbone, plan_phases
 
 
 def train(
@@ -169,7 +170,7 @@ def _train(
         _truncate_history(out / HISTORY_FILE, state.epochs)
 
     with strategy.scope():  # model and optimizer variables live on the strategy's devices
-        phases = _fit_phases(spec, out, state, checkpoint, splits, callbacks, plan)
+        phases, tuning = _fit_phases(spec, out, state, checkpoint, splits, callbacks, plan)
         # the best model, re-normalised for the target site if the method does that (AdaBN)
         adabn = domain.adapt_after_training(spec, out / MODEL_FILE, splits.target)
     adaptation = domain.run_info(
@@ -191,6 +192,7 @@ def _train(
             # this process's CPU time, all threads (decode worker processes not included)
             cpu_seconds=round(time.process_time() - cpu_started, 1),
             resumed=resume,
+            fine_tune=tuning,
             execution=plan.describe(),
             versions=package_versions(),
         ),
@@ -277,15 +279,7 @@ def _run_info(
     val_auc = state.val_auc
     best = int(np.nanargmax(val_auc))
     return RunInfo(
-        name=spec.name,
-        task=spec.task,
-        classes=list(spec.classes),
-        positive_class=spec.positive if spec.task == "binary" else None,
-        image=ImagePolicy.from_json(spec.image.model_dump(mode="json")),
-        modality=spec.modality,
-        backbone=spec.model.backbone,
-        weights="file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
-        seed=spec.training.seed,
+        **model_record(spec),
         phases=[
             {
                 "name": phase.name,
@@ -307,6 +301,22 @@ def _run_info(
         domain_adaptation=adaptation,
         data_fingerprint=state.data_fingerprint,
     )
+
+
+def model_record(spec: Spec) -> dict[str, Any]:
+    """The ``RunInfo`` fields every run takes from its spec: what the model answers, how
+    images reach it, its backbone and starting weights, and the seed."""
+    return {
+        "name": spec.name,
+        "task": spec.task,
+        "classes": list(spec.classes),
+        "positive_class": spec.positive if spec.task == "binary" else None,
+        "image": ImagePolicy.from_json(spec.image.model_dump(mode="json")),
+        "modality": spec.modality,
+        "backbone": spec.model.backbone,
+        "weights": "file" if Path(spec.model.weights).is_absolute() else spec.model.weights,
+        "seed": spec.training.seed,
+    }
 
 
 def _check_kept_model(run: Run, spec: Spec, splits: _Splits) -> dict | None:
@@ -386,8 +396,9 @@ def _fit_phases(
     splits: _Splits,
     callbacks: Sequence[keras.callbacks.Callback],
     plan: ExecutionPlan,
-) -> list[Phase]:
-    """Build the model and run the phases still to run, one ``model.fit`` each.
+) -> tuple[list[Phase], dict[str, Any]]:
+    """Build the model and run the phases still to run, one ``model.fit`` each; the phases,
+    and what trained in each (``fine_tune`` in run.json).
 
     ``model.keras`` is always the classifier ``build_model`` makes; with feature alignment,
     ``fit`` trains a ``DomainAdaptationModel`` around it (``medtransfer.training.domain``).
@@ -407,7 +418,7 @@ def _fit_phases(
             fit.model.optimizer.build(fit.model.trainable_variables)
         _fit_phase(fit, state, splits, phase, index, callbacks)
         state.phase_finished = True
-    return phases
+    return phases, fit.tuning
 
 
 @dataclass(frozen=True)
@@ -424,13 +435,15 @@ class _Fit:
     val_data: tf.data.Dataset
     augment: Augmenter | None
     class_weight: dict[int, float] | None
+    tuning: dict[str, Any] = field(default_factory=dict)  # run.json fine_tune: per phase
 
 
 def _prepare_fit(spec: Spec, out: Path, state: TrainingState, splits: _Splits) -> _Fit:
     train_x, train_y = splits.train
     steps = -(-input_count(train_x) // spec.training.batch_size)
     classifier = build_model(spec, numeric_statistics(train_x, spec.tabular))
-    model = domain.training_model(classifier, spec)
+    # a DomainAdaptationModel or an AdversarialTrainingModel around it (the spec allows one)
+    model = adversarial.training_model(domain.training_model(classifier, spec), spec)
     synchronize_batchnorm(model, tf.distribute.get_strategy())
     early_stopping = _early_stopping(spec)
     return _Fit(
@@ -487,6 +500,7 @@ def _compile_phase(fit: _Fit, phase: Phase, index: int, plan: ExecutionPlan) -> 
     """Each phase compiles afresh: its own trainable layers, learning rate and schedule (the
     warmup belongs to the first phase only)."""
     phase.apply(fit.model, fit.spec)
+    _apply_fine_tune_method(fit, phase)
     compile_model(
         fit.model,
         fit.spec,
@@ -495,6 +509,26 @@ def _compile_phase(fit: _Fit, phase: Phase, index: int, plan: ExecutionPlan) -> 
         epochs=phase.epochs,
         warmup_epochs=min(fit.spec.training.warmup_epochs, phase.epochs - 1) if index == 0 else 0,
         jit_compile=plan.jit_compile,
+    )
+
+
+def _apply_fine_tune_method(fit: _Fit, phase: Phase) -> None:
+    """``fine_tune.method`` lora or norm decides what trains in the fine-tuning phase (after
+    ``phase.apply``: setting ``trainable`` resets Keras's per-variable flags); every phase's
+    trainable share is printed and kept for run.json."""
+    tune = fit.spec.training.fine_tune
+    if phase.name == "fine_tune":
+        train_batchnorm = tune.trains_batchnorm(fit.spec.model.weights)
+        apply_method(find_backbone(fit.model), tune.method, train_batchnorm=train_batchnorm)
+    share = trainable_share(fit.model)
+    fit.tuning["method"] = tune.method
+    if tune.method == "lora":
+        fit.tuning["lora_rank"] = tune.rank
+    fit.tuning.setdefault("phases", {})[phase.name] = share
+    print(
+        f"phase {phase.name}: {share['trainable_params']:,} of {share['total_params']:,} "
+        f"parameters trainable ({share['trainable_share']:.2%})",
+        flush=True,
     )
 
 
