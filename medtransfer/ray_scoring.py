@@ -11,7 +11,7 @@ take days over. The pipeline:
 2. Decode actors, each holding a one-worker ``FolderPool`` (so the per-file time limit, memory
    cap and pixel budget are the local path's, and a decoder that hangs or crashes costs one
    error row, not a Ray task), turn paths into model-size images.
-3. Model actors load the predictor once each and build the rows (``scoring._predict_rows``).
+3. Model actors load the predictor once each and build the rows (``scoring.predict_rows``).
 4. Rows are written as Parquet parts into the staging folder; once every file is there, they are
    put in crawl order and published to ``--out`` atomically (CSV or Parquet, as locally), and
    the staging folder is removed.
@@ -52,18 +52,18 @@ from medtransfer.scoring import (
     DEFAULT_OOD_PERCENTILE,
     INTENSITY_COLUMNS,
     SCOPE_COLUMNS,
+    Decoded,
+    Decoding,
+    ScopeRule,
     ScoreSummary,
     ScoringError,
-    _decode_file,
-    _Decoded,
-    _Decoding,
-    _output,
-    _predict_rows,
-    _prob_columns,
-    _Scope,
-    _summary,
-    _tally,
+    decode_file,
     decoding,
+    output_table,
+    predict_rows,
+    prob_columns,
+    summarise,
+    tally,
 )
 
 LISTING_SHARD = 64  # paths per listing file: the unit a killed run resumes from
@@ -110,14 +110,14 @@ def score_folder_ray(
     predictor = load_predictor(model)
     how = decoding(predictor, limits)
     staging = out.with_name(out.name + STAGING_SUFFIX)
-    output = _output(out, predictor.class_names, resume=False)  # holds the output's lock
+    output = output_table(out, predictor.class_names, resume=False)  # holds the output's lock
     with output:
         if staging.exists() and not resume:
             shutil.rmtree(staging)
         listed = _listing(root, staging / "listing")
         columns = _columns(predictor.class_names)
         before = _parts(staging / "parts", columns)
-        job = _Job(root, how, limits, str(model), batch_size, _Scope(strict, ood_percentile))
+        job = _Job(root, how, limits, str(model), batch_size, ScopeRule(strict, ood_percentile))
         _run(job, staging, ray_options)
         rows = _parts(staging / "parts", columns)
         missing = [display for display, _ in listed if display not in rows]
@@ -132,19 +132,19 @@ def score_folder_ray(
     shutil.rmtree(staging, ignore_errors=True)
     kept = [row for row, (display, _) in zip(ordered, listed, strict=True) if display in before]
     new = [row for row, (display, _) in zip(ordered, listed, strict=True) if display not in before]
-    counts = Counter(key for row in new for key in _tally(row))
-    return _summary(str(out), counts, kept, time.monotonic() - start)
+    counts = Counter(key for row in new for key in tally(row))
+    return summarise(str(out), counts, kept, time.monotonic() - start)
 
 
 class _Job(NamedTuple):
     """What the actors need: where the files are, how to decode them, which model scores."""
 
     root: str
-    how: _Decoding
+    how: Decoding
     limits: DecodeLimits
     model: str
     batch_size: int
-    scope: _Scope
+    scope: ScopeRule
 
 
 def _run(job: _Job, staging: Path, options: RayOptions) -> None:
@@ -257,9 +257,9 @@ class _Decoder:
     """A Ray actor: paths -> model-size images, through a one-worker ``FolderPool`` so that
     the local path's limits hold and a decoder crash or hang is one error row."""
 
-    def __init__(self, root: str, how: _Decoding, limits: DecodeLimits) -> None:
+    def __init__(self, root: str, how: Decoding, limits: DecodeLimits) -> None:
         self._pool = FolderPool(
-            root, _decode_file, (how,), workers=1, expected=(ImageReadError,), limits=limits
+            root, decode_file, (how,), workers=1, expected=(ImageReadError,), limits=limits
         )
         self._pool.__enter__()
 
@@ -275,7 +275,7 @@ class _Decoder:
 class _Scorer:
     """A Ray actor holding one predictor (the model loaded once per actor)."""
 
-    def __init__(self, model: str, batch_size: int, scope: _Scope) -> None:
+    def __init__(self, model: str, batch_size: int, scope: ScopeRule) -> None:
         from medtransfer.predictor import load_predictor
 
         self._predictor = load_predictor(model, batch_size=batch_size)
@@ -283,12 +283,12 @@ class _Scorer:
         self._scope = scope
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = _predict_rows(_from_columns(batch), self._predictor, self._scope)
+        rows = predict_rows(_from_columns(batch), self._predictor, self._scope)
         return {name: np.array([valid_utf8(row[i]) for row in rows], dtype=object)
                 for i, name in enumerate(self._columns)}  # fmt: skip
 
 
-def _to_columns(outcomes: Sequence[Outcome[_Decoded]], ids: list[str]) -> dict[str, np.ndarray]:
+def _to_columns(outcomes: Sequence[Outcome[Decoded]], ids: list[str]) -> dict[str, np.ndarray]:
     """Decoded files as Ray's numpy batch, under their display paths (``ids``): one array per
     field (pixels as one tensor column, zeros for an error row), the small fields as JSON text
     and error messages as valid UTF-8 (Parquet takes nothing else)."""
@@ -310,7 +310,7 @@ def _to_columns(outcomes: Sequence[Outcome[_Decoded]], ids: list[str]) -> dict[s
     }
 
 
-def _from_columns(batch: dict[str, Any]) -> list[Outcome[_Decoded]]:
+def _from_columns(batch: dict[str, Any]) -> list[Outcome[Decoded]]:
     outcomes = []
     for path, error, meta, pixels in zip(
         batch["path"], batch["error"], batch["meta"], batch["pixels"], strict=True
@@ -320,10 +320,10 @@ def _from_columns(batch: dict[str, Any]) -> list[Outcome[_Decoded]]:
             outcomes.append(Outcome(str(path), None, str(error)))
             continue
         uid, tags, header, intensity = fields
-        value = _Decoded(np.asarray(pixels), uid, tuple(tags), header, tuple(intensity))
+        value = Decoded(np.asarray(pixels), uid, tuple(tags), header, tuple(intensity))
         outcomes.append(Outcome(str(path), value, ""))
     return outcomes
 
 
 def _columns(class_names: Sequence[str]) -> list[str]:
-    return [*BASE_COLUMNS, *SCOPE_COLUMNS, *INTENSITY_COLUMNS, *_prob_columns(class_names)]
+    return [*BASE_COLUMNS, *SCOPE_COLUMNS, *INTENSITY_COLUMNS, *prob_columns(class_names)]

@@ -59,15 +59,25 @@ __all__ = [
     "INTENSITY_COLUMNS",
     "SCOPE_COLUMNS",
     "WORKER_DIED",
+    "Decoded",
+    "Decoding",
     "FileSource",
     "Predictor",
+    "ScopeRule",
     "ScoreOptions",
     "ScoreSummary",
     "ScoringError",
     "crawl",
+    "decode_file",
+    "decoding",
+    "output_table",
+    "predict_rows",
+    "prob_columns",
     "score_files",
     "score_folder",
-]
+    "summarise",
+    "tally",
+]  # beyond the two entry points: the pieces the Ray and PACS engines build on
 
 BASE_COLUMNS = ("path", "status", "error", "sop_instance_uid")
 # What the file's header says it is, whether the model was trained on such images (scope.py),
@@ -143,7 +153,7 @@ class ScoreSummary:
         )
 
 
-class _Decoded(NamedTuple):
+class Decoded(NamedTuple):
     """Worker result: plain values only, so it always pickles back to the main process."""
 
     pixels: np.ndarray  # at the model's size and channels
@@ -153,7 +163,7 @@ class _Decoded(NamedTuple):
     intensity: tuple[float, float]  # mean and SD of ``pixels`` (image_statistics)
 
 
-class _Decoding(NamedTuple):
+class Decoding(NamedTuple):
     """What a decode worker needs to know besides the file."""
 
     window: str | dict
@@ -164,10 +174,10 @@ class _Decoding(NamedTuple):
     max_pixels: int | None
 
 
-def decoding(predictor: Predictor, limits: DecodeLimits) -> _Decoding:
+def decoding(predictor: Predictor, limits: DecodeLimits) -> Decoding:
     """How files are decoded for ``predictor``: its window, frames, size, channels, the tags its
     tabular features read, and the pixel budget."""
-    return _Decoding(
+    return Decoding(
         predictor.window,
         predictor.frames,
         tuple(predictor.image_size),
@@ -177,7 +187,7 @@ def decoding(predictor: Predictor, limits: DecodeLimits) -> _Decoding:
     )
 
 
-def _decode_file(path: str, how: _Decoding) -> _Decoded:
+def decode_file(path: str, how: Decoding) -> Decoded:
     """Runs in a decode worker; an ImageReadError becomes the file's error row. The image is
     resized here, to the model's size: what crosses the pipe is 200 KB at 224 px rather than
     the full image, and the main process, which runs the model, does not resize."""
@@ -186,7 +196,7 @@ def _decode_file(path: str, how: _Decoding) -> _Decoded:
     pixels = model_pixels(image.pixels, how.size, how.channels)
     header = normalized_header(image.meta) if image.meta else None
     mean, std = image_statistics(pixels[np.newaxis])
-    return _Decoded(pixels, image.sop_instance_uid, values, header, (float(mean[0]), float(std[0])))
+    return Decoded(pixels, image.sop_instance_uid, values, header, (float(mean[0]), float(std[0])))
 
 
 def _tag_values(path: str, tags: tuple[str, ...]) -> tuple[str, ...]:
@@ -265,7 +275,7 @@ class FileSource:
 
     ``names``: the files under ``root``, in output order (a folder's crawl, or the instances a
     PACS listed, staged under ``root`` as they are fetched). ``decode(path, how, *extra)`` runs
-    in a decode worker and returns a ``_Decoded``; the ``expected`` exceptions it raises are the
+    in a decode worker and returns a ``Decoded``; the ``expected`` exceptions it raises are the
     file's error row as they are. ``local``: uncompressed DICOM may be decoded in this process
     (``LocalFirst``). ``on_rows`` sees each batch's rows before they are written, and returns
     the rows to write: what must exist before a row counts as done (a structured report) is
@@ -275,7 +285,7 @@ class FileSource:
     root: str
     names: Iterable[str]
     local: bool = True
-    decode: Callable[..., _Decoded] = _decode_file
+    decode: Callable[..., Decoded] = decode_file
     extra: tuple = ()
     expected: tuple[type[Exception], ...] = (ImageReadError,)
     on_rows: Callable[[list[list[str]]], list[list[str]]] | None = None
@@ -289,7 +299,7 @@ def score_files(
     rows, lock, resume and atomic output. ``out`` must already be checked (``check_paths``)."""
     start = time.monotonic()
     workers, batch_size = options.workers, options.batch_size
-    output = _output(out, predictor.class_names, options.resume)
+    output = output_table(out, predictor.class_names, options.resume)
     local = LocalFirst(is_uncompressed_dicom) if source.local and workers else None
     how = decoding(predictor, options.limits)
     pool = FolderPool(
@@ -301,7 +311,7 @@ def score_files(
         local=local,
         limits=options.limits,
     )
-    scope = _Scope(options.strict, options.ood_percentile)
+    scope = ScopeRule(options.strict, options.ood_percentile)
     counts: Counter[str] = Counter()
     hidden = not options.progress
     with (
@@ -316,15 +326,15 @@ def score_files(
         for batch_rows in _score_batches(decoded, predictor, batch_size, local, scope):
             rows = source.on_rows(batch_rows) if source.on_rows else batch_rows
             output.write(rows)
-            counts.update(key for row in rows for key in _tally(row))
+            counts.update(key for row in rows for key in tally(row))
             bar.update(len(rows))
             bar.set_postfix(errors=counts["error"], refresh=False)
-    return _summary(str(out), counts, output.kept_rows, time.monotonic() - start)
+    return summarise(str(out), counts, output.kept_rows, time.monotonic() - start)
 
 
-def _output(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
+def output_table(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
     """The scores table; a ``.parquet`` name gets Parquet with float32 probabilities."""
-    columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *INTENSITY_COLUMNS, *_prob_columns(class_names)]
+    columns = [*BASE_COLUMNS, *SCOPE_COLUMNS, *INTENSITY_COLUMNS, *prob_columns(class_names)]
     options = {"resume": resume, "row_is_valid": _row_is_valid}
     if out.suffix.lower() == ".parquet":
         floats = ["ood_score", "ood_percentile", *INTENSITY_COLUMNS, *columns[_LEADING:]]
@@ -332,13 +342,13 @@ def _output(out: Path, class_names: Iterable[str], resume: bool) -> CsvOutput:
     return CsvOutput(out, columns, **options)
 
 
-def _summary(
+def summarise(
     out_csv: str, counts: Counter[str], kept_rows: Sequence[Sequence[str]], seconds: float
 ) -> ScoreSummary:
     """Counts over the whole file, rows kept from a previous run included; the rate over the
     files this run scored."""
     totals = Counter(counts)
-    totals.update(key for row in kept_rows for key in _tally(row))
+    totals.update(key for row in kept_rows for key in tally(row))
     scored = counts["ok"] + counts["error"]
     return ScoreSummary(
         out_csv=out_csv,
@@ -352,13 +362,13 @@ def _summary(
     )
 
 
-def _tally(row: Sequence[str]) -> tuple[str, ...]:
+def tally(row: Sequence[str]) -> tuple[str, ...]:
     """What a row counts towards: its status, and being out of the model's scope."""
     out_of_scope = row[_IN_SCOPE].startswith("no:")
     return (row[1], "out of scope") if out_of_scope else (row[1],)
 
 
-def _prob_columns(class_names: Iterable[str]) -> list[str]:
+def prob_columns(class_names: Iterable[str]) -> list[str]:
     names = list(class_names)
     if not names or len(set(names)) != len(names):
         raise ScoringError(f"predictor class_names must be non-empty and unique, got {names}")
@@ -369,11 +379,11 @@ def _prob_columns(class_names: Iterable[str]) -> list[str]:
 
 
 def _score_batches(
-    decoded: Iterator[Outcome[_Decoded]],
+    decoded: Iterator[Outcome[Decoded]],
     predictor: Predictor,
     batch_size: int,
     local: LocalFirst | None,
-    scope: _Scope,
+    scope: ScopeRule,
 ) -> Iterator[list[list[str]]]:
     """Yield rows batch by batch in crawl order; the pool keeps decoding ahead meanwhile.
 
@@ -382,7 +392,7 @@ def _score_batches(
     first = True
     while batch := list(islice(decoded, batch_size)):
         start = time.perf_counter()
-        rows = _predict_rows(batch, predictor, scope)
+        rows = predict_rows(batch, predictor, scope)
         if local is not None and not first:
             local.per_file_budget = (time.perf_counter() - start) / len(batch)
         first = False
@@ -394,7 +404,7 @@ def _tags(features: Sequence[TabularFeature]) -> tuple[str, ...]:
     return tuple(f.source_tag for f in features if f.source_tag)
 
 
-class _Scope(NamedTuple):
+class ScopeRule(NamedTuple):
     """How out-of-scope files are treated: ``strict`` leaves them unpredicted; an OOD score at
     or above the ``ood_percentile`` of the validation images' flags a file."""
 
@@ -407,8 +417,8 @@ class _Prediction(NamedTuple):
     ood: float | None
 
 
-def _predict_rows(
-    batch: list[Outcome[_Decoded]], predictor: Predictor, scope: _Scope
+def predict_rows(
+    batch: list[Outcome[Decoded]], predictor: Predictor, scope: ScopeRule
 ) -> list[list[str]]:
     """One row per file. Out-of-scope files are predicted and flagged, or with ``strict``
     error rows saying why (those the header rules out are not even predicted)."""
@@ -426,11 +436,11 @@ def _predict_rows(
 
 
 def _row(
-    decoded: Outcome[_Decoded],
+    decoded: Outcome[Decoded],
     verdict: str,
     outcome: _Prediction | str,
     predictor: Predictor,
-    scope: _Scope,
+    scope: ScopeRule,
 ) -> list[str]:
     """``outcome``: the prediction, an error message, or "" for a file refused unpredicted."""
     value = decoded.value
@@ -456,7 +466,7 @@ def _row(
     return [identity[0], "ok", "", identity[1], *scope_cells, *probs]
 
 
-def _intensity(value: _Decoded | None) -> tuple[str, str]:
+def _intensity(value: Decoded | None) -> tuple[str, str]:
     """The intensity columns, 6 decimals: enough for drift tests on [0, 1] pixels."""
     return tuple(f"{v:.6f}" for v in value.intensity) if value else ("", "")
 
@@ -466,7 +476,7 @@ def _kind(header: dict[str, str] | None) -> tuple[str, str]:
     return (header["Modality"], header["BodyPartExamined"]) if header else ("", "")
 
 
-def _predict(predictor: Predictor, images: list[_Decoded]) -> list[_Prediction | str]:
+def _predict(predictor: Predictor, images: list[Decoded]) -> list[_Prediction | str]:
     """A prediction or an error message per image. A batch that fails is retried image by image,
     so one image the model cannot take only costs its own row."""
     try:
@@ -480,7 +490,7 @@ def _predict(predictor: Predictor, images: list[_Decoded]) -> list[_Prediction |
 
 
 def _predict_array(
-    predictor: Predictor, images: list[_Decoded]
+    predictor: Predictor, images: list[Decoded]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     pixels = [image.pixels for image in images]
     if predictor.tabular:

@@ -233,14 +233,14 @@ def test_explained_examples_are_the_most_confident_hits_and_misses():
 def test_gradcam_without_reference_images_falls_back_to_plain_and_says_so(reports, tiny_run):
     """With no validation image without the class, the report's overlays are plain Grad-CAM
     and the caption says so; measured from the images without it, the maps change."""
-    from medtransfer.evaluation.assessment import _split_rows
+    from medtransfer.evaluation.assessment import split_rows
     from medtransfer.evaluation.cam_examples import gradcam_examples
     from medtransfer.evaluation.gradcam import localising_layer
     from medtransfer.predictor import load_predictor
 
     spec = load_spec(tiny_run / SPEC_FILE)
     predictor = load_predictor(tiny_run)
-    rows = _split_rows(spec, tiny_run, "test")
+    rows = split_rows(spec, tiny_run, "test")
     p = reports["test"].predictions
     probabilities = p[["prob_plain", "prob_spot"]].to_numpy()
     y = p[["y_plain", "y_spot"]].to_numpy(float)
@@ -366,7 +366,7 @@ def test_roc_figure_marks_the_operating_points():
 
 def test_an_exports_provenance_comes_from_its_model_card(tiny_run, tmp_path):
     """An export is named by its model and version folders, trained as its card says."""
-    from medtransfer.evaluation.assessment import _split_rows, provenance
+    from medtransfer.evaluation.assessment import provenance, split_rows
     from medtransfer.predictor import ModelInfo
     from medtransfer.rundir import open_run
 
@@ -376,7 +376,7 @@ def test_an_exports_provenance_comes_from_its_model_card(tiny_run, tmp_path):
     training = {"backbone": "resnet50", "weights": "imagenet", "seed": 7, "best_epoch": 4,
                 "best_val_auroc": 0.9, "data_fingerprint": "0123456789abcdef"}  # fmt: skip
     (exported / "model_card.json").write_text(json.dumps({"training": training}))
-    rows = _split_rows(load_spec(tiny_run / SPEC_FILE), tiny_run, "test")
+    rows = split_rows(load_spec(tiny_run / SPEC_FILE), tiny_run, "test")
     found = provenance(exported, ModelInfo.from_run_info(info), "test", rows)
     assert found["model"] == {"kind": "export", "folder": "tiny/3", "name": info.name, **training}
     assert found["n_images"] == len(rows)

@@ -462,11 +462,11 @@ def test_parquet_output_holds_the_csv_rows_typed_and_resumes(tmp_path: Path) -> 
 def test_decode_workers_send_model_size_images() -> None:
     """A 1955x1841 radiograph crosses the pipe as the model's 32x32 input, not 14 MB of pixels,
     and equals the model's own resize of the full image."""
-    from medtransfer.scoring import _decode_file, _Decoding
+    from medtransfer.scoring import Decoding, decode_file
 
     path = str(Path(__file__).resolve().parents[2] / "shared/data/dicom/corpus/RG1_J2KI.dcm")
-    how = _Decoding("dicom", "first", (32, 32), 1, (), None)
-    decoded = _decode_file(path, how)
+    how = Decoding("dicom", "first", (32, 32), 1, (), None)
+    decoded = decode_file(path, how)
     full = load_image(path).pixels
     assert full.shape == (1955, 1841) and decoded.pixels.shape == (32, 32, 1)
     np.testing.assert_array_equal(decoded.pixels, model_pixels(full, (32, 32), 1))

@@ -30,7 +30,7 @@ SPLITS = ("train", "val", "test")
 NPZ_SEPARATOR = "#"
 UNKNOWN_LABELS = ("", "-1")  # multilabel cells that say "not known": NaN targets, masked
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ""}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ""}
 
 
 def target_columns(classes: list[str]) -> list[str]:
@@ -355,7 +355,7 @@ def _from_folders(spec: Spec) -> pd.DataFrame:
             rows += [
                 (str(f.resolve()), split, label)
                 for f in sorted(class_dir.rglob("*"))
-                if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
             ]
     if not rows:
         raise _fail(spec, "data.path", f"no images under {root}/<class>/")

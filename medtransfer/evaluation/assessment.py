@@ -127,12 +127,12 @@ def compute_assessment(
         )
     if info.tabular:  # the model's own features, whatever the evaluation spec lists
         spec = spec.model_copy(update={"tabular": list(info.tabular)})
-    rows = _split_rows(spec, source, split)
+    rows = split_rows(spec, source, split)
     if rows.empty:
         raise SpecError(f"{spec.origin}: the {split} split has no images")
     with DecodePool(workers) as pool:  # one pool's start-up for the split and val
         probabilities = _predict(predictor, rows, pool)
-        val_rows = rows if split == "val" else _split_rows(spec, source, "val")
+        val_rows = rows if split == "val" else split_rows(spec, source, "val")
         if split == "val":
             p_val = probabilities
         elif val_rows.empty:  # nothing to choose thresholds on
@@ -197,7 +197,7 @@ def assessment_from_probabilities(
     )
 
 
-def _split_rows(spec: Spec, model_dir: Path, split: str) -> pd.DataFrame:
+def split_rows(spec: Spec, model_dir: Path, split: str) -> pd.DataFrame:
     manifest = build_manifest(spec)
     if is_run(model_dir):
         held_out = open_run(model_dir).manifest()

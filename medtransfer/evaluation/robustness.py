@@ -26,7 +26,7 @@ import tensorflow as tf
 from medtransfer.data.manifest import targets
 from medtransfer.data.pipeline import load_images
 from medtransfer.errors import SpecError
-from medtransfer.evaluation.assessment import _split_rows, provenance
+from medtransfer.evaluation.assessment import provenance, split_rows
 from medtransfer.evaluation.clinical import ClinicalSettings, discrimination
 from medtransfer.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from medtransfer.evaluation.metrics import compute_metrics
@@ -109,7 +109,7 @@ def assess_robustness(
         )
     if info.tabular:
         raise SpecError(f"{source}: robustness covers image-only models, not tabular features")
-    rows = _split_rows(spec, source, split)
+    rows = split_rows(spec, source, split)
     if rows.empty:
         raise SpecError(f"{spec.origin}: the {split} split has no images")
     images = load_images(

@@ -21,7 +21,7 @@ import requests
 
 from medtransfer.folder_pool import describe
 from medtransfer.pacs.client import Server, client_for, http_problem
-from medtransfer.scoring import _decode_file, _Decoded, _Decoding
+from medtransfer.scoring import Decoded, Decoding, decode_file
 
 __all__ = ["FetchError", "fetch_and_decode", "stage_instance"]
 
@@ -30,10 +30,10 @@ class FetchError(Exception):
     """An instance the PACS did not deliver: its row's error message, as it is."""
 
 
-def fetch_and_decode(path: str, how: _Decoding, server: Server) -> _Decoded:
+def fetch_and_decode(path: str, how: Decoding, server: Server) -> Decoded:
     """Runs in a decode worker: ``path`` is a ticket ``.../STUDY/SERIES/SOP``."""
     stage_instance(path, server)
-    return _decode_file(path, how)
+    return decode_file(path, how)
 
 
 def stage_instance(path: str, server: Server) -> None:

@@ -44,7 +44,7 @@ from medtransfer.scoring import (
     Predictor,
     ScoreOptions,
     ScoreSummary,
-    _prob_columns,
+    prob_columns,
     score_files,
 )
 
@@ -102,7 +102,7 @@ def score_dicomweb(
     that cannot be fetched or decoded is an error row (exit 1)."""
     if not study and not query:
         raise PacsError("--dicomweb needs --study UID or --query (a whole PACS is not scored)")
-    _prob_columns(predictor.class_names)  # checked before anything is fetched
+    prob_columns(predictor.class_names)  # checked before anything is fetched
     selections = load_rules(rules)
     out = Path(out_csv).resolve()
     staging = out.with_name(out.name + STAGING_SUFFIX)

@@ -30,7 +30,7 @@ import tensorflow as tf
 from medtransfer import atomic, rundir
 from medtransfer.data.augment import Augmenter, GraphAugmenter
 from medtransfer.data.augment_presets import PRETRAINING_PRESETS, SSL_PRESET
-from medtransfer.data.manifest import _IMAGE_SUFFIXES, build_manifest, fingerprint
+from medtransfer.data.manifest import IMAGE_SUFFIXES, build_manifest, fingerprint
 from medtransfer.data.pipeline import load_spec_images, make_training_dataset
 from medtransfer.errors import DataError, RunError
 from medtransfer.models.adaptation import adapt_batchnorm
@@ -51,10 +51,10 @@ from medtransfer.training.checkpoint import Checkpoint, EpochCheckpoint, Trainin
 from medtransfer.training.devices import plan_execution
 from medtransfer.training.run import (
     HistoryLogger,
-    _start_or_resume,
-    _undone_if_failed_before_a_checkpoint,
     fit_verbosity,
     model_record,
+    start_or_resume,
+    undone_if_failed_before_a_checkpoint,
 )
 
 OBJECTIVE = "simsiam"
@@ -97,8 +97,8 @@ def pretrain(
     and ``unlabeled`` may then be left out: the run's own are used).
     """
     out = Path(out_dir)
-    with _undone_if_failed_before_a_checkpoint(out):
-        spec, checkpoint = _start_or_resume(spec, out, overwrite=overwrite, resume=resume)
+    with undone_if_failed_before_a_checkpoint(out):
+        spec, checkpoint = start_or_resume(spec, out, overwrite=overwrite, resume=resume)
         sources = _unlabeled_sources(out, unlabeled, resume)
         return _pretrain(spec, out, sources, checkpoint, workers, callbacks, resume)
 
@@ -177,7 +177,7 @@ def _source_paths(source: Path) -> list[str]:
     paths = [
         str(path)
         for path in sorted(source.rglob("*"))
-        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
     ]
     if not paths:
         raise DataError(f"unlabelled source {source} holds no image or DICOM files")

@@ -106,7 +106,7 @@ def train(
     strategy = make_strategy(plan)
     apply_precision(plan)
     if plan.is_chief:
-        with _undone_if_failed_before_a_checkpoint(out):
+        with undone_if_failed_before_a_checkpoint(out):
             run = _train(spec, out, plan, strategy, overwrite, resume, workers, callbacks)
     else:
         with _worker_scratch(out, resume) as scratch:
@@ -153,7 +153,7 @@ def _train(
     workers: int | None,
     callbacks: Sequence[keras.callbacks.Callback],
 ) -> Run:
-    spec, checkpoint = _start_or_resume(spec, out, overwrite=overwrite, resume=resume)
+    spec, checkpoint = start_or_resume(spec, out, overwrite=overwrite, resume=resume)
     started, cpu_started = time.time(), time.process_time()
     keras.utils.set_random_seed(spec.training.seed)
     manifest = build_manifest(spec)
@@ -199,7 +199,7 @@ def _train(
     )
 
 
-def _start_or_resume(
+def start_or_resume(
     spec: Spec | None, out: Path, *, overwrite: bool, resume: bool
 ) -> tuple[Spec, Checkpoint | None]:
     """The spec to train and, for a resumed run that got to one, its last checkpoint."""
@@ -344,7 +344,7 @@ def _check_kept_model(run: Run, spec: Spec, splits: _Splits) -> dict | None:
 
 
 @contextmanager
-def _undone_if_failed_before_a_checkpoint(out: Path) -> Iterator[None]:
+def undone_if_failed_before_a_checkpoint(out: Path) -> Iterator[None]:
     """Remove what a train created when it raises before its first checkpoint was written, so
     that the same command can be run again instead of finding "not empty" in its way.
 
