@@ -32,6 +32,7 @@ from medtransfer.export_layout import (
     EXPORT_LEAN,
     EXPORT_OOD,
     EXPORT_PROFILE,
+    MODEL_CARD,
     holds_graph,
 )
 from medtransfer.models.inputs import resize_images
@@ -670,5 +671,5 @@ def write_assets(
         )
         markdown += f"\n## Out-of-distribution score\n`ood_score`: {card['outputs']['ood_score']}\n"
     atomic.write_text(built / "model_card.md", markdown)
-    atomic.write_json(built / "model_card.json", card)
+    atomic.write_json(built / MODEL_CARD, card)
     return card

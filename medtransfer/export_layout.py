@@ -11,6 +11,7 @@ from pathlib import Path
 from medtransfer.rundir import PROFILE_FILE
 
 EXPORT_GRAPH = "saved_model.pb"
+MODEL_CARD = "model_card.json"  # beside the graph: model, version, data, metrics, thresholds
 # Lean exports (``export --format litert|onnx``): one graph file in place of the SavedModel,
 # the same assets beside it.
 LEAN_GRAPHS = {"litert": "model.tflite", "onnx": "model.onnx"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import os
 import signal
 import socket
@@ -269,6 +271,57 @@ def test_an_instance_that_cannot_be_fetched_is_an_error_row(
         ("ok", ""),
     ]
     assert summary.exit_code == 1
+
+
+def test_a_pacs_that_refuses_the_reports_turns_their_rows_into_error_rows(
+    orthanc, uploaded, tmp_path
+) -> None:
+    """The images were scored and their SRs written, but not stored: no row may claim its
+    report is in the PACS, and the run ends with exit 1, not 0."""
+    study = pydicom.dcmread(next(iter(uploaded["sources"].values()))).StudyInstanceUID
+    dead = Server(f"http://127.0.0.1:{free_port()}/dicom-web", 2)
+    reports = Reports(ALGORITHM, DECISIONS, tmp_path / "sr", stow=dead)
+    summary = score_dicomweb(
+        Server(orthanc.dicomweb, 10),
+        MeanPredictor(),
+        tmp_path / "s.csv",
+        study=study,
+        reports=reports,
+        options=OPTIONS,
+    )
+    rows = read_rows(tmp_path / "s.csv")
+    assert len(rows) == 2 and summary.exit_code == 1
+    for row in rows:
+        assert row["status"] == "error" and row["prob_high"] == "" == row["prob_low"]
+        assert (
+            row["error"]
+            == "STOW-RS failed: cannot connect (server down, wrong host or port, or refused)"
+        )
+        assert row["sop_instance_uid"] == row["path"].split("/")[-1]
+    assert len(list((tmp_path / "sr").glob("*.dcm"))) == 2  # written before the store failed
+
+
+def test_reports_name_a_released_model_and_a_known_operating_point(tmp_path) -> None:
+    from medtransfer.export_layout import EXPORT_GRAPH, EXPORT_INFO, MODEL_CARD
+    from medtransfer.pacs.sr import algorithm_of
+    from medtransfer.scoring import ScoringError
+
+    export = tmp_path / "breast" / "3"
+    (export / EXPORT_INFO).parent.mkdir(parents=True)
+    (export / EXPORT_GRAPH).write_bytes(b"")
+    (export / EXPORT_INFO).write_text("{}")
+    with pytest.raises(ScoringError, match=r"need an exported model .* run medtransfer export"):
+        algorithm_of(tmp_path)  # a run directory, or anything without a model card
+    (export / MODEL_CARD).write_text(json.dumps({"model": "breast"}))
+    assert algorithm_of(export) == (Algorithm("breast", "3"), [])  # exported unevaluated
+    thresholds = {"thresholds": {"malignant": {"youden": 0.3, "sensitivity_0.95": None}}}
+    (export / EXPORT_INFO.parent / "thresholds.json").write_text(json.dumps(thresholds))
+    _, decisions = algorithm_of(export, "sensitivity_0.95")
+    assert decisions == [Decision("malignant", "sensitivity_0.95", math.inf)]
+    with pytest.raises(
+        ScoringError, match=r"'youdn' is not one of .*\['sensitivity_0.95', 'youden'\]"
+    ):
+        algorithm_of(export, "youdn")
 
 
 def run_cli(argv: list[str], monkeypatch) -> int:

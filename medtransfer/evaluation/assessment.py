@@ -48,12 +48,11 @@ from medtransfer.evaluation.clinical import (
 )
 from medtransfer.evaluation.metrics import compute_metrics
 from medtransfer.evaluation.plots import reliability_figure, roc_figure
+from medtransfer.export_layout import MODEL_CARD
 from medtransfer.models.degenerate import degenerate_model, warn_degenerate
 from medtransfer.predictor import ModelInfo, Predictor, load_predictor
 from medtransfer.rundir import is_run, open_run
 from medtransfer.spec import Spec, reported_classes
-
-EXPORT_MODEL_CARD = "model_card.json"  # what export writes beside the SavedModel
 
 
 @dataclass(frozen=True)
@@ -403,7 +402,7 @@ def provenance(source: Path, info: ModelInfo, split: str, rows: pd.DataFrame) ->
 
 def _export_training(source: Path) -> dict:
     """The training record an export's model card keeps (empty when there is no card)."""
-    card = source / EXPORT_MODEL_CARD
+    card = source / MODEL_CARD
     try:
         training = json.loads(card.read_text()).get("training") or {}
     except (OSError, ValueError, AttributeError):

@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medtransfer import atomic
-from medtransfer.export_layout import EXPORT_INFO, is_export
+from medtransfer.export_layout import EXPORT_INFO, MODEL_CARD, is_export
 from medtransfer.rundir import THRESHOLDS_FILE
 from medtransfer.scoring import ScoringError
 
@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 CLASS_SCHEME = "99MEDTRANSFER"  # private coding scheme of the model's class names
-MODEL_CARD = "model_card.json"  # written by export beside the graph
 SR_SERIES_NUMBER = 9001
 # Copied from the source when present, else left empty (the Type 2 ones highdicom reads).
 _COPIED = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
@@ -96,6 +95,11 @@ def algorithm_of(model: str | Path, point: str = "youden") -> tuple[Algorithm, l
         if point in points:
             threshold = math.inf if points[point] is None else float(points[point])
             decisions.append(Decision(name, point, threshold))
+    known = sorted({p for points in record.get("thresholds", {}).values() for p in points})
+    if known and not decisions:  # a mistyped name would otherwise drop every decision
+        raise ScoringError(
+            f"--operating-point {point!r} is not one of the export's thresholds: {known}"
+        )
     return algorithm, decisions
 
 
