@@ -5,6 +5,7 @@ as ``run:`` weights, and a killed run resumes to the same weights."""
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import keras
@@ -25,7 +26,7 @@ from medtransfer.models.build import build_encoder, build_model
 from medtransfer.models.saved import load_run_model
 from medtransfer.models.ssl import SimSiam, predictor, projector
 from medtransfer.spec import load_spec
-from medtransfer.training.pretrain import TwoViews, pretrain
+from medtransfer.training.pretrain import TwoViews, pretrain, pretraining_rows, readable_images
 
 CLASSES = ["malignant", "normal_or_benign"]
 PER_CLASS = 12  # training images per class; 8 more in the unlabelled folder
@@ -103,6 +104,26 @@ def test_pretrain_never_reads_validation_or_test_images(breast_folders, pretrain
     assert set(rundir.open_run(run).manifest()["split"]) == {"train", "unlabeled"}
     assert info.epochs_run == 2 and len(info.pretraining["loss"]) == 2
     assert info.best_val_auroc is None and info.seed == 3
+
+
+def test_an_unreadable_unlabelled_file_is_left_out_and_reported(breast_folders, tmp_path):
+    """An archive holds broken files: pretraining goes on without them and says which; a
+    training image that cannot be read still stops it (the spec says it is data)."""
+    spec = load_spec(breast_folders / "spec.yaml")
+    archive = tmp_path / "archive"
+    shutil.copytree(breast_folders / "unlabeled", archive)
+    broken = archive / "u999.png"
+    broken.write_bytes((archive / "u400.png").read_bytes()[:40])  # cut inside the header
+    rows = pretraining_rows(spec, [str(archive)])
+    with pytest.warns(UserWarning, match=r"leaves out 1 unlabelled file\(s\)"):
+        kept, images, skipped = readable_images(spec, rows, workers=0)
+    assert len(rows) == len(kept) + 1 == len(images) + 1
+    assert str(broken) not in set(kept["path"])
+    assert len(skipped) == 1 and skipped[0].startswith(f"{broken}: ")
+    trained = rows.copy()
+    trained.loc[trained["path"] == str(broken), "split"] = "train"
+    with pytest.raises(UnreadableImages, match="1 image"):
+        readable_images(spec, trained, workers=0)
 
 
 def _run_spec(breast_folders: Path, run: Path, data: Path):

@@ -73,10 +73,12 @@ Decoder = Callable[[list[str]], np.ndarray]
 
 
 class UnreadableImages(DataError):
-    """Files that could not be decoded, all listed in one message (``errors`` has each line)."""
+    """Files that could not be decoded, all listed in one message (``errors`` has each line,
+    ``paths`` each file, so a caller that may go on without them knows which they are)."""
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], paths: Sequence[str] = ()) -> None:
         self.errors = errors
+        self.paths = list(paths)
         shown = "\n  ".join(errors[:5])
         more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
         super().__init__(f"{len(errors)} image(s) could not be read:\n  {shown}{more}")
@@ -221,6 +223,7 @@ class ShardCache:
         if pending and on_decode is not None:  # a damaged shard found later adds to this
             on_decode(pending)
         errors: list[str] = []
+        paths: list[str] = []
         for shard in shards:
             pixels = self._read(shard)
             if pixels is None:
@@ -228,10 +231,11 @@ class ShardCache:
                     pixels = self._build(shard, decode)
                 except UnreadableImages as error:
                     errors.extend(error.errors)
+                    paths.extend(error.paths)
                     continue
             yield pixels
         if errors:
-            raise UnreadableImages(errors)
+            raise UnreadableImages(errors, paths)
 
     def _read(self, shard: Shard) -> np.ndarray | None:
         """A complete, intact shard's pixels, or None (missing or damaged: rebuild it)."""

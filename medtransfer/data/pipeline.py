@@ -78,17 +78,19 @@ class _ShardDecoder:
     def __call__(self, paths: list[str]) -> np.ndarray:
         out = np.empty((len(paths), *self.settings.image_shape), np.float32)
         errors: list[str] = []
+        bad: list[str] = []
         for i, (path, result) in enumerate(
             zip(paths, _decode_files(paths, self.settings, self._pool), strict=True)
         ):
             if isinstance(result, ImageReadError):
                 errors.append(f"{path}: {result}")
+                bad.append(path)
             else:
                 out[i] = result
             if self._bar is not None:
                 self._bar.update()
         if errors:
-            raise UnreadableImages(errors)
+            raise UnreadableImages(errors, bad)
         return out
 
 

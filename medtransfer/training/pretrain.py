@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import tensorflow as tf
 from medtransfer import atomic, rundir
 from medtransfer.data.augment import Augmenter, GraphAugmenter
 from medtransfer.data.augment_presets import PRETRAINING_PRESETS, SSL_PRESET
+from medtransfer.data.cache import UnreadableImages
 from medtransfer.data.manifest import IMAGE_SUFFIXES, build_manifest, fingerprint
 from medtransfer.data.pipeline import load_spec_images, make_training_dataset
 from medtransfer.errors import DataError, RunError
@@ -127,21 +129,20 @@ def _pretrain(
 ) -> Run:
     started, cpu_started = time.time(), time.process_time()
     keras.utils.set_random_seed(spec.training.seed)
-    rows = pretraining_rows(spec, sources)
+    rows, images, skipped = readable_images(spec, pretraining_rows(spec, sources), workers)
     state = checkpoint.state if checkpoint else TrainingState(data_fingerprint=fingerprint(rows))
     if state.data_fingerprint != fingerprint(rows):
         raise RunError(f"the images behind {out} changed since the run started; it cannot resume")
     if checkpoint is None:
         atomic.write_text(out / SPEC_FILE, dump_spec(spec))
         atomic.write_text(out / MANIFEST_FILE, rows.to_csv(index=False))
-    images = load_spec_images(spec, rows, workers=workers, label="decoding pretraining images")
     model = _fit(spec, out, images, state, checkpoint, callbacks)
     # BatchNormalization trained on augmented views in batch mode; its moving averages trail
     # (and, after a short run, still hold their initial 0 and 1): estimate what the saved
     # encoder normalises with at inference from the images themselves, in one pass (AdaBN's).
     adapt_batchnorm(model.encoder, images, batch_size=spec.training.batch_size, exact=False)
     model.encoder.save(out / MODEL_FILE)
-    info = _run_info(spec, rows, state, out)
+    info = _run_info(spec, rows, state, out, skipped)
     return rundir.write_info(
         out,
         info.replace(
@@ -151,6 +152,32 @@ def _pretrain(
             versions=package_versions(),
         ),
     )
+
+
+def readable_images(
+    spec: Spec, rows: pd.DataFrame, workers: int | None
+) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """The rows' images, decoded once (through the cache). An unlabelled archive is what it
+    is: a file there that cannot be decoded is left out and reported (its message is in the
+    list returned, and warned about), not a failed run. A training image that cannot be read
+    still stops the run, as in ``train``: the spec says it is data."""
+    label = "decoding pretraining images"
+    try:
+        return rows, load_spec_images(spec, rows, workers=workers, label=label), []
+    except UnreadableImages as error:
+        unlabeled = set(rows.loc[rows["split"] == "unlabeled", "path"])
+        if not error.paths or not set(error.paths) <= unlabeled:
+            raise
+        kept = rows[~rows["path"].isin(error.paths)].reset_index(drop=True)
+        if kept.empty:
+            raise
+        warnings.warn(
+            f"pretraining leaves out {len(error.paths)} unlabelled file(s) that cannot be "
+            f"decoded: {error}",
+            UserWarning,
+            stacklevel=2,
+        )
+        return kept, load_spec_images(spec, kept, workers=workers, label=label), error.errors
 
 
 def pretraining_rows(spec: Spec, sources: Sequence[str]) -> pd.DataFrame:
@@ -230,9 +257,12 @@ def _fit(
     return model
 
 
-def _run_info(spec: Spec, rows: pd.DataFrame, state: TrainingState, out: Path) -> RunInfo:
+def _run_info(
+    spec: Spec, rows: pd.DataFrame, state: TrainingState, out: Path, skipped: list[str]
+) -> RunInfo:
     """``run.json`` of a pretraining run: what a ``run:`` source needs (backbone, image
-    policy), what it read, and its loss curve (``history.csv``)."""
+    policy), what it read and left out (unreadable unlabelled files), and its loss curve
+    (``history.csv``)."""
     history = pd.read_csv(out / HISTORY_FILE)
     counts = rows["split"].value_counts()
     return RunInfo(
@@ -248,5 +278,6 @@ def _run_info(spec: Spec, rows: pd.DataFrame, state: TrainingState, out: Path) -
             "learning_rate": spec.training.learning_rate,
             "loss": [round(float(v), 5) for v in history["loss"]],
             "z_std": [round(float(v), 5) for v in history["z_std"]],
+            "unreadable_skipped": skipped,
         },
     )
