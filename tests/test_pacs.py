@@ -244,6 +244,15 @@ def test_reports_carry_no_patient_data_beyond_their_source(scored, uploaded) -> 
     assert checked_missing_birth_date == 2
 
 
+def score_first_study(orthanc, uploaded, out: Path, reports: Reports | None = None):
+    """The first uploaded file's study scored over DICOMweb by the stand-in model."""
+    study = pydicom.dcmread(next(iter(uploaded["sources"].values()))).StudyInstanceUID
+    server = Server(orthanc.dicomweb, 10)
+    return score_dicomweb(
+        server, MeanPredictor(), out, study=study, reports=reports, options=OPTIONS
+    )
+
+
 def test_an_instance_that_cannot_be_fetched_is_an_error_row(
     orthanc, uploaded, tmp_path, monkeypatch
 ) -> None:
@@ -257,14 +266,7 @@ def test_an_instance_that_cannot_be_fetched_is_an_error_row(
         return [gone, *instances[:1]], series
 
     monkeypatch.setattr(pacs_score, "list_instances", with_a_missing_instance)
-    study = pydicom.dcmread(next(iter(uploaded["sources"].values()))).StudyInstanceUID
-    summary = score_dicomweb(
-        Server(orthanc.dicomweb, 10),
-        MeanPredictor(),
-        tmp_path / "s.csv",
-        study=study,
-        options=OPTIONS,
-    )
+    summary = score_first_study(orthanc, uploaded, tmp_path / "s.csv")
     rows = read_rows(tmp_path / "s.csv")
     assert [(r["status"], r["error"]) for r in rows] == [
         ("error", "fetch failed: HTTP 404 Not Found"),
@@ -278,17 +280,9 @@ def test_a_pacs_that_refuses_the_reports_turns_their_rows_into_error_rows(
 ) -> None:
     """The images were scored and their SRs written, but not stored: no row may claim its
     report is in the PACS, and the run ends with exit 1, not 0."""
-    study = pydicom.dcmread(next(iter(uploaded["sources"].values()))).StudyInstanceUID
     dead = Server(f"http://127.0.0.1:{free_port()}/dicom-web", 2)
     reports = Reports(ALGORITHM, DECISIONS, tmp_path / "sr", stow=dead)
-    summary = score_dicomweb(
-        Server(orthanc.dicomweb, 10),
-        MeanPredictor(),
-        tmp_path / "s.csv",
-        study=study,
-        reports=reports,
-        options=OPTIONS,
-    )
+    summary = score_first_study(orthanc, uploaded, tmp_path / "s.csv", reports)
     rows = read_rows(tmp_path / "s.csv")
     assert len(rows) == 2 and summary.exit_code == 1
     for row in rows:
