@@ -239,11 +239,17 @@ def cmd_weights_download(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtransfer.evaluation.clinical import ClinicalSettings
     from medtransfer.evaluation.report import evaluate
+    from medtransfer.evaluation.robustness import RobustnessSettings
     from medtransfer.rundir import SPEC_FILE, is_seeds_dir
     from medtransfer.spec import load_spec
 
     options = {"split": args.split, "out_dir": args.out, "workers": args.workers}
     if is_seeds_dir(args.model):
+        if args.robustness:
+            raise MedtransferError(
+                f"{args.model} is a seeds folder: --robustness assesses one model; pass one "
+                "seed's run (or use `medtransfer robustness` per seed)"
+            )
         from medtransfer.evaluation.seeds import SUMMARY_FILE, evaluate_seeds
 
         spec = load_spec(args.spec) if args.spec else None
@@ -260,8 +266,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         target_specificity=args.target_specificity,
     )
     spec = load_spec(spec_path)
-    result = evaluate(args.model, spec, settings=settings, tta=args.tta, **options)
+    robustness = RobustnessSettings(clinical=settings) if args.robustness else None
+    result = evaluate(
+        args.model, spec, settings=settings, tta=args.tta, robustness=robustness, **options
+    )
     print(result.summary())
+    if robustness is not None:
+        _print_robustness(result.metrics["robustness"])
     print(f"report written to {result.out_dir} (report.html, metrics.json, predictions.csv, ...)")
     return EXIT_OK
 
@@ -319,16 +330,21 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         args.model, spec, split=args.split, workers=args.workers, settings=settings
     )
     out = write_robustness(result, args.out)
-    summary = result.metrics["summary"]
+    _print_robustness(result.metrics)
+    print(f"written to {out} (robustness.json, robustness.csv, robustness.html, PNG figures)")
+    return EXIT_OK
+
+
+def _print_robustness(metrics: dict) -> None:
+    """The headline of a robustness assessment (robustness.json, or a report's section)."""
+    summary = metrics["summary"]
     print(f"clean AUROC {_auroc_text(summary['clean_auroc'])}")
     for method, values in summary["adversarial_auroc"].items():
         shown = ", ".join(f"{eps} {_auroc_text(auc)}" for eps, auc in values.items())
         print(f"{method.upper()} AUROC at epsilon {shown}")
-    if "attacks_skipped" in result.metrics:
-        print(f"no attacks: {result.metrics['attacks_skipped']}")
+    if "attacks_skipped" in metrics:
+        print(f"no attacks: {metrics['attacks_skipped']}")
     print(f"mean corruption AUROC {_auroc_text(summary['mean_corruption_auroc'])}")
-    print(f"written to {out} (robustness.json, robustness.csv, robustness.html, PNG figures)")
-    return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -648,6 +664,7 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
             "medtransfer evaluate runs/breast --out reports/breast",
             "medtransfer evaluate models/breast/1 --spec data_specs/breastmnist.yaml "
             "--split val --out reports/breast-val",
+            "medtransfer evaluate runs/breast --out reports/breast --robustness",
         ],
     ),
     "robustness": (
@@ -945,6 +962,13 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument(
         "--tta", action="store_true", help="average over test-time views (a run directory only)"
+    )
+    evaluate.add_argument(
+        "--robustness",
+        action="store_true",
+        help="add a robustness section: FGSM and PGD at 1, 2 and 4 /255 (a run directory) and "
+        "7 corruptions at 5 severities, full files in OUT/robustness/ (minutes on a CPU; "
+        "`medtransfer robustness` takes every setting)",
     )
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -203,3 +203,57 @@ def test_a_killed_adversarial_run_resumes_and_keeps_the_plain_classifier(tmp_pat
         layer.__class__.__name__ == "AdversarialTrainingModel"
         for layer in model._flatten_layers(include_self=True)
     )
+
+
+class BackboneAtEpochEnd(keras.callbacks.Callback):
+    """The backbone's weights after each epoch, read through the wrapper ``fit`` trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[list[np.ndarray]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        backbone = self.model.classifier.get_layer("backbone")
+        self.weights.append([[np.asarray(w) for w in layer.weights] for layer in backbone.layers])
+
+
+def test_adversarial_training_runs_both_fine_tuning_phases_of_a_pretrained_source(
+    tiny_run, tmp_path
+):
+    """With pretrained weights (here another run's backbone, as ``run:`` gives) training has two
+    phases, each compiling the wrapper around the classifier it unfroze: both phases log the
+    adversarial loss, the head phase leaves the backbone alone, the fine-tuning phase moves
+    its top block and nothing below it, and the run keeps the plain classifier."""
+    import pandas as pd
+
+    from medtransfer.models.backbones import backbone_blocks
+    from medtransfer.models.saved import load_run_model
+    from medtransfer.training.run import train
+
+    config = tiny_config(make_png_folders(tmp_path / "data", per_class=6))
+    config["model"]["weights"] = f"run:{tiny_run}"
+    config["training"] = {
+        "epochs": 2, "batch_size": 8, "fine_tune": {"head_epochs": 1, "unfreeze": 1},
+        "adversarial": {"epsilon": "4/255", "steps": 2},
+    }  # fmt: skip
+    seen = BackboneAtEpochEnd()
+    spec = spec_from_dict(config, base_dir=tmp_path)
+    run = train(spec, tmp_path / "run", workers=0, callbacks=[seen])
+    assert [p["name"] for p in run.info.phases] == ["head", "fine_tune"]
+    history = pd.read_csv(run.path / "history.csv")
+    assert len(history) == 2 and (history["adversarial_loss"] > 0).all()
+    backbone = load_run_model(tiny_run).get_layer("backbone")
+    start = [[np.asarray(w) for w in layer.weights] for layer in backbone.layers]
+
+    def moved(before, after) -> set[str]:
+        return {
+            layer.name
+            for layer, old, new in zip(backbone.layers, before, after, strict=True)
+            if any(not np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+        }
+
+    assert moved(start, seen.weights[0]) == set()
+    top = {layer.name for layer in backbone_blocks(backbone, "mobilenetv3small")[-1]}
+    fine_tuned = moved(seen.weights[0], seen.weights[1])
+    assert fine_tuned and fine_tuned <= top, sorted(fine_tuned - top)[:5]
+    assert load_run_model(run).__class__.__name__ == "Functional"

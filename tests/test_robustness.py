@@ -20,6 +20,7 @@ from medtransfer.evaluation.corruptions import CORRUPTIONS, corrupt
 from medtransfer.models.attacks import Attack, perturb
 from medtransfer.models.inputs import to_model_input
 from medtransfer.models.layers import ChannelAdapter, ModelResizing
+from medtransfer.rundir import SEEDS_FILE
 
 LOSS = keras.losses.CategoricalCrossentropy()
 
@@ -191,3 +192,45 @@ def test_the_robustness_verb_explains_itself():
     for command in commands:
         assert cli.build_parser().parse_args(command.split()[1:]).command == "robustness"
     assert "(default: 1/255,2/255,4/255)" in parser.format_help()
+
+
+def test_evaluate_with_robustness_adds_a_section_to_the_report(tiny_run, tmp_path, capsys):
+    """``evaluate --robustness``: the report gets a robustness section on the report's own
+    images, the full files land beside it, and each attack and each corruption's mildest and
+    harshest severity are in the section's table."""
+    out = tmp_path / "report"
+    code = cli.main(
+        ["evaluate", str(tiny_run), "--out", str(out), "--workers", "0", "--bootstrap", "50",
+         "--robustness"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "mean corruption AUROC" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    section = metrics["robustness"]
+    assert (section["split"], section["n_images"]) == ("test", metrics["n_images"])
+    assert section["report"] == "robustness/robustness.html"
+    full = json.loads((out / "robustness" / "robustness.json").read_text())
+    assert len(full["conditions"]) == 1 + 2 * 3 + 7 * 5
+    kept = [(c["kind"], c["name"], c["level"]) for c in section["conditions"]]
+    assert len(kept) == 1 + 2 * 3 + 7 * 2
+    assert ("corruption", "blur", 1.0) in kept and ("corruption", "blur", 5.0) in kept
+    assert ("corruption", "blur", 3.0) not in kept
+    assert {p.name for p in out.iterdir()} >= {
+        "report.html", "robustness_adversarial.png", "robustness_corruptions.png", "robustness"
+    }  # fmt: skip
+    html = (out / "report.html").read_text()
+    assert "<h2 id='robustness'>Robustness</h2>" in html
+    assert "href='robustness/robustness.html'" in html
+    assert html.count("/255</td>") == 2 * 3  # one row per attack and epsilon
+    assert "AUROC against severity" in html
+
+
+def test_evaluate_refuses_robustness_with_tta_or_a_seeds_folder(tiny_run, tmp_path, capsys):
+    code = cli.main(["evaluate", str(tiny_run), "--out", str(tmp_path), "--robustness", "--tta"])
+    assert code == 2
+    assert "evaluate with --tta and with --robustness separately" in capsys.readouterr().err
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / SEEDS_FILE).write_text('{"runs": []}')
+    code = cli.main(["evaluate", str(seeds), "--out", str(tmp_path / "r"), "--robustness"])
+    assert code == 2 and "--robustness assesses one model" in capsys.readouterr().err

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 from html import escape
 
+import numpy as np
+
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; padding: 0 1em; max-width: 62em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -245,6 +247,57 @@ def _subgroups(metrics: dict) -> str:
     return note + _table(["subgroup", "images", "positives / negatives", "AUROC (DeLong CI)"], rows)
 
 
+def _pair(row: dict, low: str, high: str) -> tuple[float, float] | None:
+    """An interval from a robustness.csv record; missing (None or NaN) when not computed."""
+    lo, hi = row.get(low), row.get(high)
+    return None if lo is None or hi is None or np.isnan(lo) or np.isnan(hi) else (lo, hi)
+
+
+def robustness_rows(records: list[dict]) -> list[list[str]]:
+    """robustness.csv records as table cells: condition, epsilon or severity, AUROC with its
+    DeLong and bootstrap intervals, accuracy with its Wilson interval."""
+    out = []
+    for row in records:
+        attack = row["kind"] in ("fgsm", "pgd")
+        level = f"{row['epsilon_255']:g}/255" if attack else f"{row['level']:g}"
+        accuracy = _pair(row, "accuracy_ci_low", "accuracy_ci_high")
+        out.append(
+            [escape(row["kind"]), escape(row["name"]), level, _number(row["auroc"]),
+             _range(_pair(row, "auroc_ci_delong_low", "auroc_ci_delong_high")),
+             _range(_pair(row, "auroc_ci_bootstrap_low", "auroc_ci_bootstrap_high")),
+             f"{_number(row['accuracy'])} {_range(accuracy)}"]
+        )  # fmt: skip
+    return out
+
+
+def robustness_header(level: int) -> list[str]:
+    return ["kind", "name", "epsilon / severity", "AUROC", f"{level}% CI, DeLong",
+            f"{level}% CI, bootstrap", "accuracy (Wilson CI)"]  # fmt: skip
+
+
+def _robustness(metrics: dict) -> str:
+    """The section ``evaluate --robustness`` adds: headline conditions and a link to the full
+    robustness page written beside the report."""
+    section = metrics.get("robustness")
+    if not section:
+        return ""
+    summary = section["summary"]
+    level = round(100 * section["settings"]["level"])
+    skipped = section.get("attacks_skipped")
+    attacks = f"<p class='flag'>No attacks: {escape(skipped)}</p>" if skipped else ""
+    link = escape(section["report"])
+    return (
+        f"<h2 id='robustness'>Robustness</h2>{attacks}<p>Clean AUROC "
+        f"{_number(summary['clean_auroc'])}; mean AUROC over every corruption and severity "
+        f"{_number(summary['mean_corruption_auroc'])}. Below: each attack, and each corruption "
+        f"at its mildest and harshest severity; every severity, the attack settings and the "
+        f"method are in <a href='{link}'>{link}</a>. Epsilon is in grey levels of the [0, 1] "
+        "model input; the attacks' gradients run through the whole model, its in-graph "
+        "preprocessing included.</p>"
+        + _table(robustness_header(level), robustness_rows(section["conditions"]))
+    )
+
+
 def _warning(metrics: dict) -> str:
     """A box above everything else when the model is degenerate: its figures are not results."""
     degenerate = metrics.get("degenerate_model")
@@ -287,7 +340,7 @@ accuracy {_number(metrics.get("balanced_accuracy"))}.</p>
 <h2>Discrimination</h2>{_discrimination(metrics)}
 <h2>Operating points</h2>{_operating_points(metrics)}
 <h2>Calibration</h2>{_calibration(metrics)}
-<h2>Subgroups</h2>{_subgroups(metrics)}
+<h2>Subgroups</h2>{_subgroups(metrics)}{_robustness(metrics)}
 <h2>Figures</h2>{_figures(figures)}
 <p class="note">{method}</p>
 </body></html>

@@ -12,11 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from medtransfer.errors import SpecError
 from medtransfer.evaluation.assessment import compute_assessment
 from medtransfer.evaluation.clinical import ClinicalSettings
 from medtransfer.evaluation.report_files import write_report
+from medtransfer.evaluation.robustness import RobustnessSettings, assess_robustness
+from medtransfer.evaluation.robustness_report import with_robustness, write_robustness
 from medtransfer.models.degenerate import warn_degenerate
 from medtransfer.spec import Spec
+
+ROBUSTNESS_FOLDER = "robustness"  # evaluate --robustness: the full files, beside report.html
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ def evaluate(
     workers: int | None = None,
     settings: ClinicalSettings | None = None,
     tta: bool = False,
+    robustness: RobustnessSettings | None = None,
 ) -> Evaluation:
     """Predict one split and write the report: metrics.json, predictions.csv, thresholds.json,
     roc.png, reliability.png and a self-contained report.html, in ``out_dir``.
@@ -78,11 +84,24 @@ def evaluate(
     its thresholds are then the TTA model's, for an export made with ``--tta``.
     A model whose predictions do not vary across the images of either split is flagged
     (``degenerate_model`` in metrics.json, a box atop report.html, a DegenerateModelWarning).
+    ``robustness`` adds a robustness section (``assess_robustness`` on the same split, its
+    full files in ``out_dir/robustness/``); it assesses the plain model, so not with ``tta``.
     """
+    if robustness is not None and tta:
+        raise SpecError(
+            "a robustness section assesses the model without test-time augmentation: "
+            "evaluate with --tta and with --robustness separately"
+        )
     assessment = compute_assessment(
         model_dir, spec, split=split, workers=workers, settings=settings, tta=tta
     )
     # warned here, not through assess, so that the warning points at the caller of evaluate
     warn_degenerate(assessment.metrics["degenerate_model"], f"evaluate {assessment.model_dir}")
+    if robustness is not None:
+        result = assess_robustness(
+            model_dir, spec, split=split, workers=workers, settings=robustness
+        )
+        write_robustness(result, Path(out_dir) / ROBUSTNESS_FOLDER)
+        assessment = with_robustness(assessment, result, ROBUSTNESS_FOLDER)
     out = write_report(assessment, out_dir)
     return Evaluation(assessment.metrics, assessment.predictions, out)

@@ -8,6 +8,8 @@ can be archived or mailed beside report.html.
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from html import escape
 from pathlib import Path
 
@@ -16,7 +18,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from medtransfer import atomic
-from medtransfer.evaluation.html_report import _STYLE, _figures, _number, _range, _table
+from medtransfer.evaluation.assessment import Assessment, ReportFigure
+from medtransfer.evaluation.html_report import (
+    _STYLE,
+    _figures,
+    _number,
+    _table,
+    robustness_header,
+    robustness_rows,
+)
 from medtransfer.evaluation.report_files import _png
 from medtransfer.evaluation.robustness import Robustness
 
@@ -71,29 +81,10 @@ def corruption_figure(table: pd.DataFrame, title: str = "AUROC under corruptions
     return fig
 
 
-def _rows(table: pd.DataFrame) -> list[list[str]]:
-    out = []
-    for row in table.itertuples():
-        level = f"{row.epsilon_255:g}/255" if row.kind in ("fgsm", "pgd") else f"{row.level:g}"
-        delong = None if pd.isna(row.auroc_ci_delong_low) else (
-            row.auroc_ci_delong_low, row.auroc_ci_delong_high)  # fmt: skip
-        boot = None if pd.isna(row.auroc_ci_bootstrap_low) else (
-            row.auroc_ci_bootstrap_low, row.auroc_ci_bootstrap_high)  # fmt: skip
-        accuracy = None if pd.isna(row.accuracy_ci_low) else (
-            row.accuracy_ci_low, row.accuracy_ci_high)  # fmt: skip
-        out.append(
-            [escape(row.kind), escape(row.name), level, _number(row.auroc), _range(delong),
-             _range(boot), f"{_number(row.accuracy)} {_range(accuracy)}"]
-        )  # fmt: skip
-    return out
-
-
 def render_robustness(result: Robustness, figures: dict[str, bytes]) -> str:
     """robustness.html as a string; ``figures`` maps a caption to PNG bytes."""
     metrics, summary = result.metrics, result.metrics["summary"]
-    level = round(100 * metrics["settings"]["level"])
-    header = ["kind", "name", "epsilon / severity", "AUROC", f"{level}% CI, DeLong",
-              f"{level}% CI, bootstrap", "accuracy (Wilson CI)"]  # fmt: skip
+    header = robustness_header(round(100 * metrics["settings"]["level"]))
     skipped = metrics.get("attacks_skipped")
     attacks = (
         f"<p class='flag'>No attacks: {escape(skipped)}</p>" if skipped else
@@ -112,7 +103,7 @@ def render_robustness(result: Robustness, figures: dict[str, bytes]) -> str:
 <p>Model folder <code>{escape(model["folder"])}</code> ({escape(model["kind"])}). Clean AUROC
 {_number(summary["clean_auroc"])}; mean AUROC over every corruption and severity
 {_number(summary["mean_corruption_auroc"])}.</p>{attacks}
-<h2>Conditions</h2>{_table(header, _rows(result.table))}
+<h2>Conditions</h2>{_table(header, robustness_rows(_records(result.table)))}
 <h2>Figures</h2>{_figures(figures)}
 <p class="note">Epsilon is in pixel units of the [0, 1] model input (1/255 = one grey level of
 an 8-bit image); the gradient runs through the whole model, in-graph preprocessing included.
@@ -130,6 +121,18 @@ def _attack_text(attack: dict) -> str:
     )
 
 
+def robustness_figures(result: Robustness) -> dict[str, ReportFigure]:
+    """The figures by file name: ``adversarial`` (when the model was attacked) and
+    ``corruptions``."""
+    figures = {}
+    if "attacks" in result.metrics:
+        figures["adversarial"] = ReportFigure(
+            "AUROC against epsilon", adversarial_figure(result.table)
+        )
+    figures["corruptions"] = ReportFigure("AUROC against severity", corruption_figure(result.table))
+    return figures
+
+
 def write_robustness(result: Robustness, out_dir: str | Path) -> Path:
     """robustness.json, robustness.csv, adversarial.png (when attacked), corruptions.png and
     robustness.html in ``out_dir``, each replaced atomically. Returns the folder."""
@@ -137,13 +140,51 @@ def write_robustness(result: Robustness, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "robustness.json", result.metrics)
     atomic.write_text(out / "robustness.csv", result.table.to_csv(index=False))
-    figures = {}
-    if "attacks" in result.metrics:
-        figures["adversarial"] = ("AUROC against epsilon", adversarial_figure(result.table))
-    figures["corruptions"] = ("AUROC against severity", corruption_figure(result.table))
     pngs = {}
-    for name, (caption, figure) in figures.items():
-        pngs[caption] = _png(figure)
-        atomic.write_bytes(out / f"{name}.png", pngs[caption])
+    for name, shown in robustness_figures(result).items():
+        pngs[shown.caption] = _png(shown.figure)
+        atomic.write_bytes(out / f"{name}.png", pngs[shown.caption])
     atomic.write_text(out / "robustness.html", render_robustness(result, pngs))
     return out
+
+
+def with_robustness(assessment: Assessment, result: Robustness, folder: str) -> Assessment:
+    """The assessment with a robustness section for report.html: the headline conditions (clean,
+    each attack and epsilon, each corruption's mean and worst severity) in metrics.json's
+    ``robustness``, and the two figures beside the report's own. ``folder`` is where the full
+    robustness files are written, relative to the report."""
+    metrics = result.metrics
+    section = {
+        "report": f"{folder}/robustness.html",
+        "split": metrics["split"],
+        "n_images": metrics["provenance"]["n_images"],
+        "settings": metrics["settings"],
+        "summary": metrics["summary"],
+        "conditions": _headline_rows(result.table),
+    }
+    for key in ("attacks", "attack_loss", "attacks_skipped"):
+        if key in metrics:
+            section[key] = metrics[key]
+    figures = {f"robustness_{name}": shown for name, shown in robustness_figures(result).items()}
+    return replace(
+        assessment,
+        metrics=assessment.metrics | {"robustness": section},
+        figures=assessment.figures | figures,
+    )
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    """Rows as JSON would store them: missing intervals are None."""
+    return json.loads(table.to_json(orient="records"))
+
+
+def _headline_rows(table: pd.DataFrame) -> list[dict]:
+    """Clean and attacked rows as they are; per corruption, its mildest and harshest severity
+    (the full grid is in robustness.csv)."""
+    kept = table[table["kind"] != "corruption"]
+    corrupted = table[table["kind"] == "corruption"]
+    levels = corrupted.groupby("name")["level"]
+    ends = corrupted["level"].eq(levels.transform("min")) | corrupted["level"].eq(
+        levels.transform("max")
+    )
+    return _records(pd.concat([kept, corrupted[ends]]))
