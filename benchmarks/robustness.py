@@ -9,10 +9,13 @@ severities. The issue's target: PGD AUROC at 2/255 up by >= 0.15 with clean AURO
 
     .venv/bin/python benchmarks/robustness.py --out /tmp/robustness [--seeds 0,1,2]
     .venv/bin/python benchmarks/robustness.py --out OUT --runs BASELINE_RUN ADVERSARIAL_RUN
+    .venv/bin/python benchmarks/robustness.py --out OUT --seeds 2 --weight 0.3 --baseline-from PREV
 
 Without ``--runs`` it trains both arms per seed into ``OUT/<arm>/seed_N`` (about 7 and 30
 wall-minutes per seed on this shared 2-core machine). Writes ``robustness_benchmark.json`` and
-each model's robustness files (``OUT/report/<arm>_seed_N/``).
+each model's robustness files (``OUT/report/<arm>_seed_N/``). ``--weight`` changes the
+adversarial loss's share; ``--baseline-from`` reuses an earlier output's baseline runs (the
+default recipe does not depend on it) instead of training them again.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 ADVERSARIAL = {"method": "pgd", "epsilon": 2 / 255, "steps": 3, "weight": 0.5}
 
 
-def train_arm(arm: str, seed: int, out: Path) -> Path:
+def train_arm(arm: str, seed: int, out: Path, weight: float) -> Path:
     from medtransfer.spec import load_spec
     from medtransfer.training.run import train
 
     spec = load_spec(REPO / "data_specs" / "breastmnist.yaml")
     training = {"seed": seed}
     if arm == "adversarial":
-        training["adversarial"] = ADVERSARIAL
+        training["adversarial"] = ADVERSARIAL | {"weight": weight}
     spec = spec.with_overrides(training=training)
     return train(spec, out / arm / f"seed_{seed}", overwrite=True).path
 
@@ -65,12 +68,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="0", help="comma-separated (the issue asks 0,1,2)")
     parser.add_argument("--runs", nargs=2, type=Path, metavar=("BASELINE", "ADVERSARIAL"))
+    parser.add_argument("--weight", type=float, default=ADVERSARIAL["weight"])
+    parser.add_argument("--baseline-from", type=Path, help="an earlier OUT with baseline/seed_N")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     for seed in seeds:
         for index, arm in enumerate(("baseline", "adversarial")):
-            run = args.runs[index] if args.runs else train_arm(arm, seed, args.out)
+            if args.runs:
+                run = args.runs[index]
+            elif arm == "baseline" and args.baseline_from:
+                run = args.baseline_from / arm / f"seed_{seed}"
+            else:
+                run = train_arm(arm, seed, args.out, args.weight)
             results[f"{arm} seed {seed}"] = assess(run, args.out / "report" / f"{arm}_seed_{seed}")
     (args.out / "robustness_benchmark.json").write_text(json.dumps(results, indent=2))
     print("| model | clean AUROC | PGD 1/255 | PGD 2/255 | PGD 4/255 | FGSM 1/255 | FGSM 2/255 "
