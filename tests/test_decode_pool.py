@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medtransfer.data import decode_pool
+from medtransfer.data import decode_pool, profile
 from medtransfer.data.decode_pool import DecodePool, decode_for_model, usable_cores
 from medtransfer.data.pipeline import load_images
+from medtransfer.data.profile import image_statistics
 from medtransfer.errors import DataError
 from medtransfer.io import ImageReadError, load_image
 from medtransfer.models.inputs import resize_images
@@ -135,3 +136,21 @@ def test_training_loads_every_split_through_one_pool(monkeypatch: pytest.MonkeyP
     training_run._load_splits(spec, pd.DataFrame({"path": ["a"], "split": ["train"]}), 2)
     assert len(seen) == 3 and all(isinstance(w, DecodePool) for w in seen)
     assert seen[0] is seen[1] is seen[2] and seen[0].workers == 2
+
+
+def test_image_statistics_of_grey_images_are_those_of_their_plane() -> None:
+    """A grey image in three channels is measured on one plane (a third of the work, done for
+    every scored file); a colour image, even one differing in one pixel, on all its values."""
+    planes = np.random.default_rng(0).random((70, 16, 12, 1), dtype=np.float32)
+    images = np.repeat(planes, 3, axis=-1)
+    images[5, 3, 4, 1] += 0.5  # image 5 is colour; the 64-image chunk it is in stays exact
+    means, stds = image_statistics(images)
+    every_value = images.reshape(70, -1).astype(np.float64)
+    np.testing.assert_allclose(means, every_value.mean(axis=1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stds, every_value.std(axis=1), rtol=0, atol=1e-12)
+    assert means[5] == every_value[5].mean() and stds[5] == every_value[5].std()
+    plane_means, plane_stds = image_statistics(planes)
+    assert np.array_equal(means[64:], plane_means[64:])
+    assert np.array_equal(stds[64:], plane_stds[64:])
+    assert profile._one_channel_if_grey(images[64:]).shape == (6, 16, 12, 1)
+    assert profile._one_channel_if_grey(images[:64]).shape == (64, 16, 12, 3)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
+from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import FileMetaDataset
+from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import (
     apply_color_lut,
     apply_modality_lut,
@@ -29,6 +30,7 @@ from pydicom.pixels.processing import (
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     RLELossless,
 )
 
@@ -513,6 +515,160 @@ def test_non_dicom_files(tmp_path: Path) -> None:
 def test_bad_arguments_are_value_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         read_dicom(CORPUS / "emri_small.dcm", **kwargs)
+
+
+# --- the uncompressed fast path ------------------------------------------------------------------
+
+# Every file the tests hand read_dicom: the corpus, the broken files and pydicom's test files.
+EVERY_FILE = sorted(map(str, [*CORPUS.iterdir(), *BROKEN.iterdir()])) + sorted(get_testdata_files())
+# Plain uncompressed greyscale images the fast path must take, so that comparing it with
+# pydicom's decoder never passes by comparing nothing: signed and unsigned, 8, 16 and 32 bits,
+# MONOCHROME1, Implicit VR and deflated.
+MUST_BE_FAST = {
+    "693_UNCI.dcm",
+    "MR-SIEMENS-DICOM-WithOverlays.dcm",
+    NIH.name,
+    "CT_small.dcm",
+    "MR_small_implicit.dcm",
+    "image_dfl.dcm",
+    "rtdose_1frame.dcm",
+    "6154",
+}
+
+
+def _outcome(path: str | Path, **kwargs: object) -> tuple:
+    """What read_dicom gives: (pixels, metadata), or (error type, its line)."""
+    try:
+        image = read_dicom(path, **kwargs)
+    except ImageReadError as exc:
+        return type(exc), str(exc)
+    return image.pixels, image.meta
+
+
+def _assert_same_outcome(fast: tuple, slow: tuple) -> None:
+    if isinstance(slow[0], np.ndarray):
+        assert isinstance(fast[0], np.ndarray) and fast[0].dtype == slow[0].dtype
+        assert np.array_equal(fast[0], slow[0])
+    else:
+        assert fast[0] is slow[0]
+    assert fast[1] == slow[1]
+
+
+def _pydicom_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dicom_module, "_native_grey", lambda ds, tsyntax, index: None)
+
+
+def test_fast_path_reads_every_file_as_pydicom_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the fast path takes a file, its stored values are pydicom's decoder's (values,
+    dtype, photometric) and read_dicom's pixels and metadata do not change; everywhere else it
+    declines and read_dicom runs the code it always ran. Only the taken files are decoded."""
+    taken: list[str] = []
+    for path in EVERY_FILE:
+        try:
+            ds = dicom_module._read_dataset(path)
+            tsyntax = dicom_module._transfer_syntax(ds)
+        except ImageReadError:
+            continue
+        assert dicom_module._native_grey(ds, tsyntax, 1) is None  # first frames only
+        if (plain := dicom_module._native_grey(ds, tsyntax, 0)) is None:
+            continue
+        stored, photometric = dicom_module._as_array(get_decoder(tsyntax), ds, 0, "")
+        assert plain[0].dtype == stored.dtype and np.array_equal(plain[0], stored), path
+        assert plain[1] == photometric
+        taken.append(path)
+    assert {Path(path).name for path in taken} >= MUST_BE_FAST
+    fast = [(_outcome(p), _outcome(p, frames="all", window="minmax")) for p in taken]
+    _pydicom_decodes(monkeypatch)
+    for path, (image, stack) in zip(taken, fast, strict=True):
+        _assert_same_outcome(image, _outcome(path))
+        _assert_same_outcome(stack, _outcome(path, frames="all", window="minmax"))
+
+
+def _unused_bits_set(stored: np.ndarray, bits: int) -> np.ndarray:
+    """``stored`` with random garbage in the bits above ``bits`` (PS3.5 8.1.1 lets writers
+    leave anything there)."""
+    raw = stored.view(f"u{stored.itemsize}")
+    garbage = np.random.default_rng(0).integers(0, 2**16, raw.shape).astype(raw.dtype)
+    return (raw & ((1 << bits) - 1)) | (garbage << bits)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_garbage_in_unused_high_bits_is_ignored(
+    tmp_path: Path, signed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path clears (unsigned) or sign-extends (signed) what lies above Bits Stored, as
+    pydicom does: garbage there gives the clean file's pixels, with either decoder."""
+    ds = pydicom.dcmread(CORPUS / "693_UNCI.dcm")  # signed, 14 of 16 bits
+    stored = ds.pixel_array if signed else (ds.pixel_array + 4096).astype(np.uint16)
+    tags = {} if signed else {"PixelRepresentation": 0, "RescaleIntercept": -5120}
+    clean = _save_native(ds, stored, tmp_path / "clean.dcm", **tags)
+    dirty = _save_native(ds, _unused_bits_set(stored, 14), tmp_path / "dirty.dcm", **tags)
+    assert dirty.read_bytes() != clean.read_bytes()
+    expected = read_dicom(clean).pixels
+    assert np.array_equal(read_dicom(dirty).pixels, expected)
+    _pydicom_decodes(monkeypatch)
+    assert np.array_equal(read_dicom(dirty).pixels, expected)
+
+
+@pytest.mark.parametrize(
+    ("values", "signed"),
+    [
+        ([0, 2**14 - 1], 0),
+        ([0, 2**14], 0),
+        ([2**16 - 1], 0),
+        ([-(2**13), 2**13 - 1], 1),
+        ([-(2**13) - 1, 0], 1),
+        ([0, 2**13], 1),
+        ([2**15 - 1], 1),
+        ([-(2**15)], 1),
+    ],
+)
+def test_the_unused_bits_check_is_exact(values: list[int], signed: int) -> None:
+    """Skipping the shift is only right when it would change nothing, at the limits too."""
+    stored = np.array(values, dtype=f"{'ui'[signed]}2")
+    shifted = np.right_shift(np.left_shift(stored, 2), 2)  # pydicom's, for 14 of 16 bits
+    assert dicom_module._within_bits(stored, 14, signed) == np.array_equal(shifted, stored)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["odd_8_bit", "excess_bytes", "short_by_two", "implicit_vr", "monochrome1", "32_bit", "frames"],
+)
+def test_edge_cases_read_as_pydicom_reads_them(
+    tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lengths pydicom pads, trims or refuses, other encodings and bit depths: the same pixels,
+    metadata or error line with the fast path as with pydicom's decoder."""
+    ds = pydicom.dcmread(CORPUS / "693_UNCI.dcm")
+    stored, path = ds.pixel_array, tmp_path / f"{variant}.dcm"
+    if variant == "odd_8_bit":  # 511 x 511 bytes and a pad byte
+        small = (stored[:511, :511] // 64 + 64).astype(np.uint8)
+        tags = {"Rows": 511, "Columns": 511, "BitsAllocated": 8, "BitsStored": 7, "HighBit": 6}
+        _save_native(ds, small, path, PixelRepresentation=0, **tags)
+    elif variant in ("excess_bytes", "short_by_two"):
+        _save_native(ds, stored, path)
+        ds = pydicom.dcmread(path)
+        data = ds.PixelData
+        ds.PixelData = data + bytes(4) if variant == "excess_bytes" else data[:-2]
+        ds.save_as(path)
+    elif variant == "implicit_vr":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    elif variant == "monochrome1":
+        _save_native(ds, stored, path, PhotometricInterpretation="MONOCHROME1")
+    elif variant == "32_bit":
+        _save_native(ds, stored.astype(np.int32), path, BitsAllocated=32, HighBit=31)
+    else:  # two frames: the fast path is for single frames
+        _save_native(ds, np.stack([stored, stored[::-1]]), path, NumberOfFrames=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the excess bytes
+        fast = _outcome(path, frames="middle")
+        _pydicom_decodes(monkeypatch)
+        _assert_same_outcome(fast, _outcome(path, frames="middle"))
+    if variant == "short_by_two":
+        assert fast[0] is DicomDecodeError and fast[1].startswith("truncated")
+    else:
+        assert isinstance(fast[0], np.ndarray)
 
 
 # --- is_dicom -------------------------------------------------------------------------------------
