@@ -14,9 +14,9 @@ the predictor arm stays at ~90). A slow baseline would flatter scoring, so "bare
 of two ``model.predict`` calls in each round, and scoring / predictor is printed beside it.
 
 A third arm separates the two possible losses: the same in-memory images through the predictor
-(``KerasPredictor.predict``: resize + its model call, no files, no pool). scoring / predictor is
-what the folder pipeline costs (decoding, transport, CSV); predictor / bare is what the
-predictor's way of calling the model costs. A fourth arm scores with ``decode_here=False``
+(``KerasPredictor.predict_with_ood``, as scoring calls it: resize + its model call, no files,
+no pool). scoring / predictor is what the folder pipeline costs (decoding, transport, CSV);
+predictor / bare is what the predictor's way of calling the model costs. A fourth arm scores with ``decode_here=False``
 (``--pool-only``): every file decoded in the workers and shipped to the main process.
 
 The model and the resize are warmed up once before timing; then the arms alternate for
@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ARMS = {
     "bare": "bare model.predict, faster of 2 (in memory)",
-    "predictor": "KerasPredictor.predict (decoded, in memory)",
+    "predictor": "KerasPredictor.predict_with_ood (decoded, in memory)",
     "scoring": "score_folder (files, end to end)",
     "steady": "score_folder after its first batch",
     "pool": "score_folder --pool-only (files, end to end)",
@@ -59,10 +59,10 @@ class _FirstCallClock:
     def __getattr__(self, name: str):
         return getattr(self._predictor, name)
 
-    def predict(self, images, tabular=None):
+    def predict_with_ood(self, images, tabular=None):  # what scoring calls
         if self.first_call is None:
             self.first_call = time.perf_counter()
-        return self._predictor.predict(images, tabular)
+        return self._predictor.predict_with_ood(images, tabular)
 
 
 def main() -> None:
@@ -103,7 +103,7 @@ def main() -> None:
 
         def in_memory() -> None:
             for i in range(0, n, batch):
-                predictor.predict(images[i : i + batch])
+                predictor.predict_with_ood(images[i : i + batch])
 
         def scoring(decode_here: bool = True) -> tuple[float, float]:
             """Seconds end to end, and of those the wait for the first batch."""
