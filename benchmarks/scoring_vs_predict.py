@@ -16,8 +16,9 @@ of two ``model.predict`` calls in each round, and scoring / predictor is printed
 A third arm separates the two possible losses: the same in-memory images through the predictor
 (``KerasPredictor.predict_with_ood``, as scoring calls it: resize + its model call, no files,
 no pool). scoring / predictor is what the folder pipeline costs (decoding, transport, CSV);
-predictor / bare is what the predictor's way of calling the model costs. A fourth arm scores with ``decode_here=False``
-(``--pool-only``): every file decoded in the workers and shipped to the main process.
+predictor / bare is what the predictor's way of calling the model costs. A fourth arm scores
+with ``decode_here=False`` (``--pool-only``): every file decoded in the workers and shipped to
+the main process.
 
 The model and the resize are warmed up once before timing; then the arms alternate for
 ``--rounds`` rounds. Scoring is timed end to end, spawning its decode pool included (a real run
