@@ -585,8 +585,13 @@ def _lean_card(markdown: str, card: dict, lean: dict) -> str:
     card["outputs"] = {"probabilities": lean["output"]}
     card["lean_export"] = lean
     kind = lean["format"] + ("" if lean["quantize"] == "none" else f", {lean['quantize']}")
-    if lean.get("scheme") == "int8_weights":  # full-integer int8 failed the validation check
+    if lean.get("scheme") == "int8_weights":  # the calibrated graphs failed the validation check
         kind += " weights only (activations quantised at run time)"
+    elif lean.get("denylisted"):  # full integer failed it: its worst layers stay float32
+        kind += (
+            f" with {len(lean['denylisted'])} layer(s) kept float32, "
+            f"{lean['int8_ops']:.0%} of operations int8"
+        )
     lines = [
         "",
         "## Lean export",

@@ -7,7 +7,9 @@ the antialiased resize (``tf.ScaleAndTranslate``), and at the model's own size t
 the identity, so the lean graph holds an identity there and every reader resizes outside the
 graph, as medtransfer's predictor already does for all models. The conversion is Keras'
 ``model.export(format="litert" | "onnx")``; LiteRT takes float16 weights or int8 post-training
-quantisation calibrated on the run's own validation images (a representative dataset).
+quantisation calibrated on the run's own validation images (a representative dataset). Where
+full-integer int8 changes the model's decisions, the layers whose int8 error is worst (TF's
+quantisation debugger) stay float32 and the rest stays int8, before weights-only int8.
 
 A lean graph computes slightly different probabilities, so the evaluation's thresholds are
 re-chosen on the lean model's validation predictions (same rules and settings) and replace the
@@ -17,9 +19,13 @@ and in the model card. The OOD score is not carried: lean exports output probabi
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import math
+import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import keras
@@ -44,11 +50,16 @@ CALIBRATION_IMAGES = 256  # int8: at most this many validation images calibrate 
 SAME_GRAPH_TOLERANCE = 1e-5  # the lean graph (float32) against the run's model, before converting
 _MOVED = 1e-6  # a re-chosen threshold further than this from the original has moved
 # int8 schemes, tried in order: full integer (weights and activations, calibrated), then
-# weights only (activations quantised on the fly); the first whose decisions agree with the
-# Keras model's on this share of the validation images is kept, else int8 is refused
-INT8_SCHEMES = ("int8", "int8_weights")
-INT8_MIN_AGREEMENT = 0.98
-_SCHEMES = ("none", "float16", *INT8_SCHEMES)
+# selective (the same calibration, the layers of worst int8 error kept float32), then weights
+# only (activations quantised on the fly); the first whose decisions agree with the Keras
+# model's on this share of the validation images is kept, else int8 is refused. The share is a
+# point above the 98% that decisions on new images should keep: validation sets are small (at
+# 78 images, 98% lets one decision flip, and the full-integer BreastMNIST graph that flipped one
+# there flipped 4 of 156 test images, 97.4%, where the graph with 4 layers float flipped 1)
+INT8_SCHEMES = ("int8", "int8_selective", "int8_weights")
+INT8_MIN_AGREEMENT = 0.99
+SELECTIVE_MAX_FLOAT = 0.5  # int8_selective keeps at most this share of the layers float32
+_SCHEMES = ("none", "float16", "int8", "int8_weights")  # what :func:`convert` writes alone
 
 
 def check_choice(fmt: str, quantize: str) -> None:
@@ -153,21 +164,125 @@ def convert(
     if quantize not in _SCHEMES or fmt not in LEAN_GRAPHS or (fmt == "onnx" and quantize != "none"):
         check_choice(fmt, quantize)
         raise ExportError(f"{fmt} cannot be written with quantisation {quantize!r}")
-    spec = lean.input.shape[1:]
-    signature = [tf.TensorSpec((None, *spec), tf.float32, name="image")]
     options = {} if fmt == "onnx" else _litert_options(quantize, calibration)
+    with _conversion_errors(fmt), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # tf2onnx touches np.object
+        lean.export(
+            str(path), format=fmt, input_signature=_signature(lean), verbose=False, **options
+        )
+    return path
+
+
+def _signature(lean: keras.Model) -> list[tf.TensorSpec]:
+    """The lean graph's one input: a batch of images at the model's size."""
+    return [tf.TensorSpec((None, *lean.input.shape[1:]), tf.float32, name="image")]
+
+
+@contextlib.contextmanager
+def _conversion_errors(fmt: str) -> Iterator[None]:
+    """Name a failed conversion's cause in an ExportError (the converters raise their own
+    types), and a missing converter package as the lean extra to install."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # tf2onnx touches np.object
-            lean.export(str(path), format=fmt, input_signature=signature, verbose=False, **options)
+        yield
+    except ExportError:
+        raise
     except ImportError as exc:
         raise ExportError(
             f"{fmt} export needs medtransfer's lean extra (pip install 'medtransfer[lean]'): {exc}"
         ) from None
-    except Exception as exc:  # the converters raise their own types; name the cause
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{fmt} conversion failed: {first[:400]}") from None
-    return path
+
+
+@contextlib.contextmanager
+def _tflite_interpreter_allowed() -> Iterator[None]:
+    """TF's quantisation debugger runs its models in ``tf.lite.Interpreter``, which warns that
+    it is deprecated for LiteRT's (the predictor runs LiteRT's); the warning is not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter", UserWarning)
+        yield
+
+
+def int8_debugger(
+    lean: keras.Model, calibration: np.ndarray
+) -> tf.lite.experimental.QuantizationDebugger:
+    """Calibrate full-integer int8 of ``lean`` on ``calibration`` once, in TensorFlow's
+    quantisation debugger (``tf.lite.experimental.QuantizationDebugger``): from its calibrated
+    model it makes the full-integer graph and any selective one (named layers left float32)
+    without calibrating again, and it measures each layer's int8 error on those images.
+
+    The debugger takes the ``TFLiteConverter`` itself, which Keras' ``model.export`` keeps
+    inside, so the converter is built as Keras builds it (the graph written by an
+    ``ExportArchive``, then ``from_saved_model``) with the settings of ``--quantize int8``."""
+    options = _litert_options("int8", calibration)
+    with _conversion_errors("litert"), tempfile.TemporaryDirectory() as saved:
+        archive = keras.export.ExportArchive()
+        archive.track(lean)
+        call = functools.partial(lean.__call__, training=False)
+        archive.add_endpoint("serve", call, input_signature=_signature(lean))
+        archive.write_out(saved, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        converter.experimental_enable_resource_variables = True  # as Keras' exporter sets
+        converter.optimizations = options["optimizations"]
+        converter.representative_dataset = options["representative_dataset"]
+        converter.target_spec.supported_ops = options["target_spec"]["supported_ops"]
+        with _tflite_interpreter_allowed():
+            return tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_dataset=representative_dataset(calibration)
+            )
+
+
+def worst_layers(debugger: tf.lite.experimental.QuantizationDebugger) -> list[dict]:
+    """The debugger's int8 layers, worst first by RMSE / scale, the measure of TF's debugger
+    guide: the root-mean-square error of a layer's int8 output against the float layer fed the
+    same input, in units of its quantisation step, over the calibration images. Rounding
+    alone gives about 0.29 (1/sqrt(12)); a layer that int8 breaks (a kernel that misreads
+    its scales, weights whose range drowns the small ones) scores far higher. Empty when the
+    interpreter cannot run the debugger's graph: there is then no ranking to go by."""
+    try:
+        with _tflite_interpreter_allowed():
+            debugger.run()
+    except RuntimeError:
+        return []
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    dump.seek(0)
+    stats = pd.read_csv(dump)
+    stats["score"] = np.sqrt(stats["mean_squared_error"]) / stats["scale"]
+    stats = stats.sort_values("score", ascending=False, kind="stable")
+    return [
+        {"op": row.op_name, "tensor": row.tensor_name, "rmse_per_scale": round(row.score, 3)}
+        for row in stats.itertuples()
+    ]
+
+
+def denylist_sizes(layers: int) -> list[int]:
+    """How many of the worst layers int8_selective keeps float32 at each try: 1, 2, 4, ...,
+    at most :data:`SELECTIVE_MAX_FLOAT` of the layers (past that, weights-only int8 is the
+    smaller model)."""
+    most = max(1, int(layers * SELECTIVE_MAX_FLOAT)) if layers else 0
+    return [2**k for k in range(most.bit_length())]
+
+
+def int8_op_share(graph: Path) -> float:
+    """Share of a LiteRT graph's operations that compute in int8 (an int8 output; QUANTIZE and
+    DEQUANTIZE, the conversions, not counted): 1.0 is full integer; weights-only int8 is 0.0,
+    its activations stay float (its kernels quantise them on the fly)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(  # no delegate: it would merge the operations into one node
+        model_path=str(graph),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    ops = [
+        op
+        for op in interpreter._get_ops_details()  # the op list has no public accessor
+        if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+    ]
+    int8 = sum(dtypes[op["outputs"][0]] == np.int8 for op in ops)
+    return round(int8 / len(ops), 3) if ops else 0.0
 
 
 def validation_data(run: Run, info: ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
@@ -278,16 +393,21 @@ def export_lean(
     fmt: str,
     quantize: str = "none",
     overwrite: bool = False,
+    int8_schemes: Sequence[str] = INT8_SCHEMES,
 ) -> Path:
     """Write a lean export (``NAME/VERSION/model.tflite`` or ``model.onnx``, assets and model
     card as for the SavedModel) atomically, and return the version folder used.
 
     ``int8`` needs the run's validation images (calibration and the thresholds' re-check) and
     is refused without them; the other formats are re-checked when the images are readable.
+    ``int8_schemes`` are the int8 schemes to try, in order (a subset of :data:`INT8_SCHEMES`;
+    the benchmark measures each alone).
     """
     check_choice(fmt, quantize)
     if fmt == "saved_model":
         raise ExportError("a SavedModel is written by medtransfer.export.export_model")
+    if not int8_schemes or set(int8_schemes) - set(INT8_SCHEMES):
+        raise ExportError(f"int8 schemes are some of {', '.join(INT8_SCHEMES)}: {int8_schemes}")
     run = open_run(run_dir)
     target = version_dir(out_dir)
     if atomic.is_occupied(target) and not overwrite:
@@ -302,10 +422,11 @@ def export_lean(
             "cannot give them (no manifest or validation split, or its images are not readable "
             "here): export float16 or onnx, or export where the run's data is"
         )
+    schemes = tuple(int8_schemes) if quantize == "int8" else (quantize,)
 
     def build(built: Path) -> dict:
         built.mkdir()
-        return _build(built, run, info, model, lean, validation, fmt, quantize)
+        return _build(built, run, info, model, lean, validation, fmt, schemes)
 
     return publish_version(target, build)
 
@@ -318,25 +439,26 @@ def _build(
     lean: keras.Model,
     validation: tuple[np.ndarray, np.ndarray] | None,
     fmt: str,
-    quantize: str,
+    schemes: tuple[str, ...],
 ) -> dict:
     """Convert into ``built``, re-check on validation, write the assets; the card returned."""
     images = None if validation is None else validation[0]
     atomic.write_json(built / EXPORT_INFO, info.to_json())  # the predictor reads it
     p_keras = None if images is None else model.predict(images, batch_size=32, verbose=0)
-    graph, scheme, p_lean, tried = _convert_checked(lean, built, fmt, quantize, images, p_keras)
+    graph, scheme, p_lean, details = _convert_checked(lean, built, fmt, schemes, images, p_keras)
     metrics, thresholds = _evaluation(run, False)
+    calibrated = scheme in ("int8", "int8_selective")
     record = {
         "format": fmt,
-        "quantize": quantize,
+        "quantize": "int8" if scheme.startswith("int8") else scheme,
         "scheme": scheme,
-        "tried": tried,
+        **details,
         "graph": graph.name,
         "bytes": graph.stat().st_size,
         "input": f"image: float32 [batch, {info.image_size[0]}, {info.image_size[1]}, "
         f"{info.channels}] in [0, 1], already at the model's size (resize outside the graph)",
         "output": f"probabilities: float32 [batch, {len(info.class_names)}]; no OOD score",
-        "calibration_images": 0 if quantize != "int8" else min(len(images), CALIBRATION_IMAGES),
+        "calibration_images": min(len(images), CALIBRATION_IMAGES) if calibrated else 0,
     }
     if validation is None:
         record["recheck"] = "not done: the run's validation images are not readable here"
@@ -350,28 +472,68 @@ def _convert_checked(
     lean: keras.Model,
     built: Path,
     fmt: str,
-    quantize: str,
+    schemes: tuple[str, ...],
     images: np.ndarray | None,
     p_keras: np.ndarray | None,
-) -> tuple[Path, str, np.ndarray | None, dict[str, float]]:
-    """Convert, and for int8 keep the first scheme of :data:`INT8_SCHEMES` whose validation
+) -> tuple[Path, str, np.ndarray | None, dict]:
+    """Convert, and for int8 keep the first graph of :func:`_int8_graphs` whose validation
     decisions agree with the Keras model's on at least :data:`INT8_MIN_AGREEMENT` of the
-    images: full-integer int8 can break a model whose activations span a wide range (a
-    network trained from scratch), which its validation predictions show. Returns the graph,
-    the scheme kept, its validation probabilities and each tried scheme's agreement."""
+    images: full-integer int8 can break a model (an op whose int8 kernel misreads its scales,
+    activations or weights of a wide range, as in a network trained from scratch), which its
+    validation predictions show. Returns the graph, the scheme kept, its validation
+    probabilities and the record's details: each tried graph's agreement (``tried``; an
+    ``int8_selective:N`` graph kept N layers float32; a graph LiteRT cannot run agrees on
+    none) and, for int8, the layers kept float32 (``denylisted``) and the share of operations
+    computed in int8 (``int8_ops``)."""
     path = built / LEAN_GRAPHS[fmt]
+    if not schemes[0].startswith("int8"):
+        convert(lean, path, fmt, schemes[0])
+        p_lean = None if images is None else load_predictor(built).predict_batch(images)
+        return path, schemes[0], p_lean, {"tried": {}}
     tried: dict[str, float] = {}
-    for scheme in INT8_SCHEMES if quantize == "int8" else (quantize,):
-        convert(lean, path, fmt, scheme, images)
-        if images is None:
-            return path, scheme, None, tried
-        p_lean = load_predictor(built).predict_batch(images)
-        agree = float(np.mean(np.argmax(p_lean, 1) == np.argmax(p_keras, 1)))
-        tried[scheme] = round(agree, 4)
-        if quantize != "int8" or agree >= INT8_MIN_AGREEMENT:
-            return path, scheme, p_lean, tried
+    for scheme, denylisted in _int8_graphs(lean, path, schemes, images):
+        try:
+            p_lean = load_predictor(built).predict_batch(images)
+        except RuntimeError:  # LiteRT cannot prepare it (a rescale beyond its kernels' range)
+            p_lean = None
+        agree = 0.0 if p_lean is None else float(np.mean(p_lean.argmax(1) == p_keras.argmax(1)))
+        tried[scheme if denylisted is None else f"{scheme}:{len(denylisted)}"] = round(agree, 4)
+        if agree >= INT8_MIN_AGREEMENT:
+            float_layers = denylisted or []
+            details = {"tried": tried, "denylisted": float_layers, "int8_ops": int8_op_share(path)}
+            return path, scheme, p_lean, details
     raise ExportError(
         f"int8 quantisation changes this model's decisions: they agree with the Keras model's "
         f"on {', '.join(f'{v:.1%} ({k})' for k, v in tried.items())} of the validation images, "
         f"below {INT8_MIN_AGREEMENT:.0%}: export float16 instead"
     )
+
+
+def _int8_graphs(
+    lean: keras.Model, path: Path, schemes: tuple[str, ...], images: np.ndarray
+) -> Iterator[tuple[str, list[dict] | None]]:
+    """Write the int8 graphs of ``schemes`` to ``path`` one after another, the most integer
+    first, each yielded with the layers it keeps float32 (None: not a selective graph); the
+    caller stops at the first that passes. Full integer and selective share one calibration:
+    ``int8_selective`` keeps the 1, 2, 4, ... layers of worst int8 error (:func:`worst_layers`)
+    float32 and every other layer full integer, so a model that int8 breaks in a few places
+    still ships calibrated int8 activations, before falling back to weights only."""
+    if "int8" in schemes or "int8_selective" in schemes:
+        debugger = int8_debugger(lean, images)
+        if "int8" in schemes:
+            with _conversion_errors("litert"):
+                path.write_bytes(debugger.get_nondebug_quantized_model())
+            yield "int8", None
+        if "int8_selective" in schemes:
+            ranked = worst_layers(debugger)
+            for n in denylist_sizes(len(ranked)):
+                denylist = [layer["tensor"] for layer in ranked[:n]]
+                with _conversion_errors("litert"), _tflite_interpreter_allowed():
+                    debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+                        denylisted_nodes=denylist
+                    )
+                    path.write_bytes(debugger.get_nondebug_quantized_model())
+                yield "int8_selective", ranked[:n]
+    if "int8_weights" in schemes:
+        convert(lean, path, "litert", "int8_weights")
+        yield "int8_weights", None

@@ -17,7 +17,13 @@ from medtransfer.errors import ExportError
 from medtransfer.evaluation.thresholds import read_thresholds, write_thresholds
 from medtransfer.export import version_dir
 from medtransfer.export_layout import EXPORT_INFO, EXPORT_LEAN, is_export, lean_graph
-from medtransfer.lean_export import export_lean, recheck
+from medtransfer.lean_export import (
+    INT8_MIN_AGREEMENT,
+    denylist_sizes,
+    export_lean,
+    recheck,
+    validation_data,
+)
 from medtransfer.predictor import LiteRTPredictor, ModelInfo, OnnxPredictor, load_predictor
 from medtransfer.rundir import MANIFEST_FILE, THRESHOLDS_FILE, open_run
 
@@ -79,6 +85,42 @@ def exports(evaluated_run, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def outlier_run(breast_run, tmp_path_factory) -> Path:
+    """``breast_run`` with a small model in place of its own that full-integer int8 breaks: a
+    dead feature (always 0) carries a weight 300 times the others' into the logits. It adds
+    nothing in float, but the logits layer's per-channel int8 weights then step by 300 / 127
+    of the largest other weight, every other weight rounds to 0 and all images get one
+    decision. The validation images' scores span 4 logits and the decision threshold sits in
+    their widest gap near the median: the decisions split and none is marginal."""
+    import keras
+
+    run_dir = tmp_path_factory.mktemp("outlier") / "run"
+    shutil.copytree(breast_run, run_dir)
+    run = open_run(run_dir)
+    images, _ = validation_data(run, ModelInfo.from_run_info(run.info))
+    image = keras.Input((32, 32, 1), name="image")
+    features = keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="features")(image)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    probabilities = keras.layers.Dense(2, activation="softmax", name="probabilities")(pooled)
+    model = keras.Model(image, probabilities, name="outlier")
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 1, (3, 3, 1, 4)).astype(np.float32)
+    kernel[..., 3] = 0  # feature 3: relu(0 - 1) = 0 on every image
+    model.get_layer("features").set_weights([kernel, np.array([0, 0, 0, -1], np.float32)])
+    w = np.append(rng.normal(0, 1, 3), 0)
+    score = keras.Model(image, pooled).predict(images, verbose=0) @ w
+    w, score = w * 4 / np.ptp(score), score * 4 / np.ptp(score)
+    w[3] = 300 * np.abs(w).max()  # times feature 3: 0 in float
+    middle = np.sort(score)[len(score) // 4 : 3 * len(score) // 4]
+    gap = int(np.argmax(np.diff(middle)))
+    threshold = middle[gap : gap + 2].mean()
+    weights = [np.stack([w, -w], axis=1), np.array([-threshold, threshold])]
+    model.get_layer("probabilities").set_weights([v.astype(np.float32) for v in weights])
+    model.save(run.model_file)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
 def real_images() -> list[np.ndarray]:
     """BreastMNIST test images (real ultrasound, 28 px; the predictor resizes them to 32)."""
     with np.load(BREAST) as data:
@@ -120,6 +162,36 @@ def test_int8_is_smaller_than_float16_smaller_than_float32(exports):
     record = json.loads((exports["int8"] / EXPORT_LEAN).read_text())
     assert record["calibration_images"] == 78
     assert record["scheme"] == "int8" and record["tried"]["int8"] >= 0.98  # full integer kept
+    assert record["denylisted"] == [] and record["int8_ops"] > 0.9
+
+
+def test_int8_keeps_the_layers_int8_breaks_in_float_when_full_integer_fails(outlier_run, tmp_path):
+    folder = export_lean(outlier_run, tmp_path / "m" / "1", fmt="litert", quantize="int8")
+    record = json.loads((folder / EXPORT_LEAN).read_text())
+    assert record["tried"]["int8"] < 0.9  # full integer: one decision for every image
+    assert record["scheme"] == "int8_selective" and record["quantize"] == "int8"
+    assert "int8_weights" not in record["tried"]  # the calibrated scheme passed first
+    worst = record["denylisted"][0]  # the logits layer: far above rounding (about 0.29)
+    assert worst["op"] == "FULLY_CONNECTED" and "probabilities" in worst["tensor"]
+    assert worst["rmse_per_scale"] > 5
+    kept = f"int8_selective:{len(record['denylisted'])}"
+    assert list(record["tried"])[-1] == kept and record["tried"][kept] >= INT8_MIN_AGREEMENT
+    assert record["recheck"]["decision_agreement"]["top_class"] >= INT8_MIN_AGREEMENT
+    assert 0.5 <= record["int8_ops"] < 1  # the convolution and pooling stay int8
+    assert record["calibration_images"] == 78
+    assert json.loads((folder / "model_card.json").read_text())["lean_export"] == record
+    share = f"{record['int8_ops']:.0%}"
+    assert (
+        f"(litert, int8 with {len(record['denylisted'])} layer(s) kept float32, {share} of "
+        "operations int8," in (folder / "model_card.md").read_text()
+    )
+
+
+def test_int8_tries_double_the_float_layers_up_to_half():
+    assert denylist_sizes(0) == []  # no ranking: no selective graph
+    assert denylist_sizes(1) == denylist_sizes(3) == [1]
+    assert denylist_sizes(8) == [1, 2, 4]
+    assert denylist_sizes(316) == [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 @pytest.mark.parametrize("name", ["onnx", "float16"])
@@ -186,14 +258,15 @@ def test_recheck_without_evaluation_records_only_agreement():
     assert "not evaluated" in check["thresholds"]
 
 
-@pytest.mark.slow  # two more int8 conversions (~45 s); the int8 export above runs the check
+@pytest.mark.slow  # every int8 graph (~1 min); the int8 exports above run the check
 def test_int8_falls_back_to_weights_only_then_refuses_when_decisions_change(
     breast_run, tmp_path, monkeypatch
 ):
     import medtransfer.lean_export as lean_export
 
     monkeypatch.setattr(lean_export, "INT8_MIN_AGREEMENT", 1.01)  # no scheme can pass
-    with pytest.raises(ExportError, match=r"\(int8\), .*\(int8_weights\) of the validation"):
+    tried = r"\(int8\), .*\(int8_selective:1\), .*\(int8_weights\) of the validation"
+    with pytest.raises(ExportError, match=tried):
         export_lean(breast_run, tmp_path / "m" / "1", fmt="litert", quantize="int8")
     assert not (tmp_path / "m" / "1").exists()
 
@@ -305,7 +378,10 @@ def test_breastmnist_densenet_int8_agrees_on_98_percent_of_test_images(tmp_path,
             assert agree >= 0.98, f"int8 decisions agree on {agree:.1%}"
         elif name == "float16":
             # the issue's 1e-3 is NOT met here: float16 weights over DenseNet121's 120 layers
-            # differ by 1.76e-3 at most on these 156 images (MobileNetV3Small meets 1e-3 above)
+            # differ by 1.76e-3 at most on these 156 images (MobileNetV3Small meets 1e-3 above).
+            # It is the rounding itself: the converter's float16 mode turns every float
+            # constant to float16 (no option keeps some float32), and rounding the weights in
+            # Keras (float32 arithmetic) already moves a DenseNet121 run by 1.3e-3
             assert difference <= 2.5e-3, f"float16 differs by {difference:.2g}"
         else:
             assert difference <= 1e-3, f"onnx differs by {difference:.2g}"
