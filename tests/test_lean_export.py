@@ -165,6 +165,32 @@ def test_int8_is_smaller_than_float16_smaller_than_float32(exports):
     assert record["denylisted"] == [] and record["int8_ops"] > 0.9
 
 
+def test_an_int8_graph_litert_cannot_prepare_fails_the_check(evaluated_run, tmp_path, monkeypatch):
+    """LiteRT refuses to prepare some int8 graphs (a requantisation scale beyond its kernels'
+    range) with a RuntimeError when the predictor first runs them: that graph agrees on no
+    image, and the next one is tried, instead of the export crashing."""
+    from medtransfer import lean_export
+
+    real = lean_export.load_predictor
+    calls = []
+
+    def unpreparable(images):
+        raise RuntimeError("failed to create XNNPACK runtime")
+
+    def first_graph_unpreparable(folder, *args, **kwargs):
+        calls.append(folder)
+        predictor = real(folder, *args, **kwargs)
+        if len(calls) == 1:
+            monkeypatch.setattr(predictor, "predict_batch", unpreparable)
+        return predictor
+
+    monkeypatch.setattr(lean_export, "load_predictor", first_graph_unpreparable)
+    folder = export_lean(evaluated_run, tmp_path / "m" / "1", fmt="litert", quantize="int8")
+    record = json.loads((folder / EXPORT_LEAN).read_text())
+    assert record["tried"]["int8"] == 0.0
+    assert record["scheme"] == "int8_selective" and len(calls) == 2
+
+
 def test_int8_keeps_the_layers_int8_breaks_in_float_when_full_integer_fails(outlier_run, tmp_path):
     folder = export_lean(outlier_run, tmp_path / "m" / "1", fmt="litert", quantize="int8")
     record = json.loads((folder / EXPORT_LEAN).read_text())
