@@ -5,6 +5,10 @@ scratch at the same CPU budget, linear probes, and LoRA / norm-only fine-tuning.
     python benchmarks/ssl_pretrain.py --out OUT --arm scratch    # from scratch (both budgets)
     python benchmarks/ssl_pretrain.py --out OUT --table          # the table of what finished
 
+``--main-only`` runs the two rows the issue's target compares (SimSiam then full fine-tuning,
+and scratch at the same budget) and skips the probes, LoRA / norm and the shipped-budget
+scratch row; ``--ft-lr-factor`` sets the fine-tuning phase's learning-rate factor.
+
 Arms run one row after another and skip rows already in ``OUT/results/``, so a killed arm is
 restarted by running it again; the two arms can run at the same time. Every model is judged
 once on the test split with the clinical report of ``evaluate`` (a probe with the same code).
@@ -94,9 +98,12 @@ def _probe(out: Path, row: str, spec: Spec, weights: str) -> None:
     )
 
 
-def ssl_arm(out: Path, spec: Spec, ssl_epochs: int, epochs: int) -> None:
+def ssl_arm(
+    out: Path, spec: Spec, ssl_epochs: int, epochs: int, fine_tune: dict, main_only: bool
+) -> None:
     """Probe on random features, SimSiam, a probe on its features, then fine-tuning from it."""
-    _probe(out, "probe_random", spec, "none")
+    if not main_only:
+        _probe(out, "probe_random", spec, "none")
     ssl_dir = out / "runs" / "ssl_pretrain"
     if not is_run(ssl_dir):
         resume = ssl_dir.is_dir()
@@ -110,24 +117,27 @@ def ssl_arm(out: Path, spec: Spec, ssl_epochs: int, epochs: int) -> None:
         }
         _save(out, "ssl_pretrain", {**record, "loss": info.pretraining["loss"]})
     source = f"run:{ssl_dir}"
-    _probe(out, "probe_ssl", spec, source)
-    tuned = {"epochs": epochs, "fine_tune": SSL_FINE_TUNE}
+    if not main_only:
+        _probe(out, "probe_ssl", spec, source)
+    tuned = {"epochs": epochs, "fine_tune": fine_tune}
     _train_and_test(
         out, "ft_full_ssl", spec.with_overrides(model={"weights": source}, training=tuned), "full"
     )
-    for method, extra in (("lora", {"lora_rank": 8}), ("norm", {})):
-        fine_tune = {**SSL_FINE_TUNE, "method": method, **extra}
+    for method, extra in () if main_only else (("lora", {"lora_rank": 8}), ("norm", {})):
+        fine_tune = {**fine_tune, "method": method, **extra}
         tuned_spec = spec.with_overrides(
             model={"weights": source}, training={**tuned, "fine_tune": fine_tune}
         )
         _train_and_test(out, f"ft_{method}_ssl", tuned_spec, method)
 
 
-def scratch_arm(out: Path, spec: Spec, budget_epochs: int, epochs: int) -> None:
+def scratch_arm(out: Path, spec: Spec, budget_epochs: int, epochs: int, main_only: bool) -> None:
     """The shipped recipe from random weights: at the SSL arm's total budget, and as shipped."""
     _train_and_test(
         out, "scratch_budget", spec.with_overrides(training={"epochs": budget_epochs}), "scratch"
     )
+    if main_only:
+        return
     _train_and_test(
         out, "scratch_default", spec.with_overrides(training={"epochs": epochs}), "scratch"
     )
@@ -170,13 +180,16 @@ def main() -> None:
         "--epochs", type=int, default=20, help="fine-tuning / shipped scratch epochs"
     )
     parser.add_argument("--budget-epochs", type=int, default=40, help="scratch at the SSL budget")
+    parser.add_argument("--ft-lr-factor", type=float, default=SSL_FINE_TUNE["learning_rate_factor"])
+    parser.add_argument("--main-only", action="store_true", help="only the target's two rows")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     spec = load_spec(args.spec).with_overrides(training={"seed": args.seed})
     if args.arm == "ssl":
-        ssl_arm(args.out, spec, args.ssl_epochs, args.epochs)
+        fine_tune = SSL_FINE_TUNE | {"learning_rate_factor": args.ft_lr_factor}
+        ssl_arm(args.out, spec, args.ssl_epochs, args.epochs, fine_tune, args.main_only)
     elif args.arm == "scratch":
-        scratch_arm(args.out, spec, args.budget_epochs, args.epochs)
+        scratch_arm(args.out, spec, args.budget_epochs, args.epochs, args.main_only)
     if args.table or not args.arm:
         print(table(args.out))
 
