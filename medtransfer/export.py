@@ -143,7 +143,7 @@ def _describe_feature(feature: TabularFeature) -> str:
     return f"{feature.name}: {kind}{source}"
 
 
-def _has_class(labels: pd.Series, name: str, task: str) -> pd.Series:
+def has_class(labels: pd.Series, name: str, task: str) -> pd.Series:
     """Whether each stored label names class ``name`` (multilabel: one of its tokens)."""
     if task != "multilabel":
         return labels == name
@@ -154,7 +154,7 @@ def _summary_rows(table: pd.DataFrame, by: str, classes: list[str], task: str) -
     rows = []
     for value, group in table.groupby(by, sort=False):
         prevalence = {
-            name: round(float(_has_class(group["label"], name, task).mean()), 4) for name in classes
+            name: round(float(has_class(group["label"], name, task).mean()), 4) for name in classes
         }
         rows.append(
             {
@@ -491,7 +491,7 @@ def _subfolders(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
 
 
-def _evaluation(run: Run, tta: bool) -> tuple[dict | None, dict | None]:
+def kept_evaluation(run: Run, tta: bool) -> tuple[dict | None, dict | None]:
     """The run's kept test metrics and validation thresholds (+inf restored), if evaluated."""
     return run.kept_metrics("test", tta), read_thresholds(run.kept(thresholds_file_name(tta)))
 
@@ -517,7 +517,7 @@ def export_model(
     if atomic.is_occupied(target) and not overwrite:
         raise ExportError(f"{target} exists; versions are immutable (use a new version number)")
     info = ModelInfo.from_run_info(run.info)
-    metrics, thresholds = _evaluation(run, tta)
+    metrics, thresholds = kept_evaluation(run, tta)
 
     def build(built: Path) -> dict:
         model = load_run_model(run)

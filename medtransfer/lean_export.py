@@ -37,7 +37,13 @@ from medtransfer import atomic
 from medtransfer.data.pipeline import load_images
 from medtransfer.errors import ExportError, MedtransferError
 from medtransfer.evaluation.clinical import ClinicalSettings, choose_operating_points
-from medtransfer.export import _evaluation, _has_class, publish_version, version_dir, write_assets
+from medtransfer.export import (
+    has_class,
+    kept_evaluation,
+    publish_version,
+    version_dir,
+    write_assets,
+)
 from medtransfer.export_layout import EXPORT_INFO, EXPORT_LEAN, LEAN_GRAPHS
 from medtransfer.models.layers import ModelResizing
 from medtransfer.models.saved import load_run_model
@@ -313,7 +319,7 @@ def split_data(run: Run, info: ModelInfo, split: str) -> tuple[np.ndarray, np.nd
 
 
 def _targets(labels: pd.Series, info: ModelInfo) -> np.ndarray:
-    columns = [_has_class(labels, name, info.task).to_numpy() for name in info.class_names]
+    columns = [has_class(labels, name, info.task).to_numpy() for name in info.class_names]
     return np.stack(columns, axis=1).astype(np.float32)
 
 
@@ -446,7 +452,7 @@ def _build(
     atomic.write_json(built / EXPORT_INFO, info.to_json())  # the predictor reads it
     p_keras = None if images is None else model.predict(images, batch_size=32, verbose=0)
     graph, scheme, p_lean, details = _convert_checked(lean, built, fmt, schemes, images, p_keras)
-    metrics, thresholds = _evaluation(run, False)
+    metrics, thresholds = kept_evaluation(run, False)
     calibrated = scheme in ("int8", "int8_selective")
     record = {
         "format": fmt,

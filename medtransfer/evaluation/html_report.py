@@ -11,7 +11,7 @@ from html import escape
 
 import numpy as np
 
-_STYLE = """
+STYLE = """
 body { font-family: sans-serif; margin: 2em auto; padding: 0 1em; max-width: 62em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
@@ -34,7 +34,7 @@ p, li, .provenance td { overflow-wrap: anywhere; }
 SMALL_IMAGES, SMALL_PER_CLASS = 50, 10  # below either, an interval is not to be relied on
 
 
-def _number(value: float | None, digits: int = 3) -> str:
+def number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -53,7 +53,7 @@ def _percent(count: int, total: int) -> str:
     return f"{count} / {total} ({100 * count / total:.1f}%)" if total else "n/a (no images)"
 
 
-def _table(header: list[str], rows: list[list[str]], css: str = "") -> str:
+def html_table(header: list[str], rows: list[list[str]], css: str = "") -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table{f' class={css!r}' if css else ''}><tr>{head}</tr>{body}</table>"
@@ -77,7 +77,7 @@ def _provenance(metrics: dict) -> str:
     model = source["model"]
     seen = metrics.get("threshold_selection", {})
     epoch = model.get("best_epoch")
-    best = f", best epoch {epoch} (validation AUROC {_number(model.get('best_val_auroc'))})"
+    best = f", best epoch {epoch} (validation AUROC {number(model.get('best_val_auroc'))})"
     rows = [
         ("Model", f"{escape(model['kind'])} <b>{escape(model['folder'])}</b> "
                   f"(model name {escape(model['name'])})"),
@@ -117,7 +117,7 @@ def _prevalence(metrics: dict) -> str:
         "<p class='note'>PPV and NPV depend on prevalence: where the condition is rarer or "
         "commoner than here, they differ even if sensitivity and specificity hold.</p>"
     )
-    return _table(header, rows) + note
+    return html_table(header, rows) + note
 
 
 def _discrimination(metrics: dict) -> str:
@@ -130,20 +130,20 @@ def _discrimination(metrics: dict) -> str:
             [
                 escape(name),
                 f"{n_pos} / {n_neg}",
-                _number(d["auroc"]) + _interval(d["auroc_ci_delong"]) + caution,
+                number(d["auroc"]) + _interval(d["auroc_ci_delong"]) + caution,
                 _range(d["auroc_ci_bootstrap"]),
-                _number(d["auprc"]),
+                number(d["auprc"]),
             ]
         )
     header = ["class", "positives / negatives", f"AUROC ({level}% CI, DeLong)",
               f"{level}% CI, bootstrap", "AUPRC"]  # fmt: skip
-    return _table(header, rows)
+    return html_table(header, rows)
 
 
 def _threshold(m: dict) -> str:
     if m.get("threshold_note") or m["threshold"] is None or m["threshold"] == float("inf"):
         return "none (no image called positive)"
-    return _number(m["threshold"], 4)
+    return number(m["threshold"], 4)
 
 
 def _target(m: dict) -> str:
@@ -155,7 +155,7 @@ def _target(m: dict) -> str:
     if target["met"]:
         return f"<br><span class='ok'>target {rate} {value:g} reached here</span>"
     return (
-        f"<br><span class='flag'>&#9888; target missed here: {rate} {_number(observed)} "
+        f"<br><span class='flag'>&#9888; target missed here: {rate} {number(observed)} "
         f"&lt; {value:g}</span>"
     )
 
@@ -165,11 +165,11 @@ def _point_rows(points: dict) -> list[list[str]]:
         [
             f"{escape(m.get('label', point))} <code>{escape(point)}</code>{_target(m)}",
             _threshold(m),
-            _number(m["sensitivity"]) + _interval(m["sensitivity_ci"]),
-            _number(m["specificity"]) + _interval(m["specificity_ci"]),
-            _number(m["ppv"]) + _interval(m["ppv_ci"]),
-            _number(m["npv"]) + _interval(m["npv_ci"]),
-            _number(m["f1"]),
+            number(m["sensitivity"]) + _interval(m["sensitivity_ci"]),
+            number(m["specificity"]) + _interval(m["specificity_ci"]),
+            number(m["ppv"]) + _interval(m["ppv_ci"]),
+            number(m["npv"]) + _interval(m["npv_ci"]),
+            number(m["f1"]),
         ]
         for point, m in points.items()
     ]
@@ -199,7 +199,7 @@ def _operating_points(metrics: dict) -> str:
     for name, points in metrics["operating_points"].items():
         matrices = "".join(_confusion(name, point, m) for point, m in points.items())
         parts.append(
-            f"<h3>{escape(name)}</h3>{_table(header, _point_rows(points))}"
+            f"<h3>{escape(name)}</h3>{html_table(header, _point_rows(points))}"
             f"<h4>Confusion matrices on {escape(metrics['split'])}</h4>"
             f"<div class='matrices'>{matrices}</div>"
         )
@@ -211,16 +211,16 @@ def _calibration(metrics: dict) -> str:
     if "uncalibrated" not in c:
         return f"<p class='note'>{escape(c.get('skipped', 'not computed'))}</p>"
     raw = c["uncalibrated"]
-    rows = [["model output", _number(raw["ece"]), _number(raw["brier"])]]
+    rows = [["model output", number(raw["ece"]), number(raw["brier"])]]
     if "temperature_scaled" in c:
         scaled = c["temperature_scaled"]
         label = f"temperature scaling, T = {c['temperature']:.3f} (fitted on val)"
-        rows.append([label, _number(scaled["ece"]), _number(scaled["brier"])])
-    return _table(["probabilities", f"ECE ({c['bins']} bins)", "Brier score"], rows)
+        rows.append([label, number(scaled["ece"]), number(scaled["brier"])])
+    return html_table(["probabilities", f"ECE ({c['bins']} bins)", "Brier score"], rows)
 
 
 def _subgroup_auroc(g: dict) -> str:
-    shown = _number(g["auroc"]) + _interval(g["auroc_ci_delong"])
+    shown = number(g["auroc"]) + _interval(g["auroc_ci_delong"])
     unreliable = g.get("interval_unreliable", g["small"]) or _unreliable(
         g["n_images"], g["n_positive"], g["n_negative"]
     )
@@ -244,7 +244,9 @@ def _subgroups(metrics: dict) -> str:
             )
     shown = escape(str(metrics.get("subgroups_class", "")))
     note = f"<p class='note'>AUROC of {shown} within each group.</p>" if shown else ""
-    return note + _table(["subgroup", "images", "positives / negatives", "AUROC (DeLong CI)"], rows)
+    return note + html_table(
+        ["subgroup", "images", "positives / negatives", "AUROC (DeLong CI)"], rows
+    )
 
 
 def _pair(row: dict, low: str, high: str) -> tuple[float, float] | None:
@@ -262,10 +264,10 @@ def robustness_rows(records: list[dict]) -> list[list[str]]:
         level = f"{row['epsilon_255']:g}/255" if attack else f"{row['level']:g}"
         accuracy = _pair(row, "accuracy_ci_low", "accuracy_ci_high")
         out.append(
-            [escape(row["kind"]), escape(row["name"]), level, _number(row["auroc"]),
+            [escape(row["kind"]), escape(row["name"]), level, number(row["auroc"]),
              _range(_pair(row, "auroc_ci_delong_low", "auroc_ci_delong_high")),
              _range(_pair(row, "auroc_ci_bootstrap_low", "auroc_ci_bootstrap_high")),
-             f"{_number(row['accuracy'])} {_range(accuracy)}"]
+             f"{number(row['accuracy'])} {_range(accuracy)}"]
         )  # fmt: skip
     return out
 
@@ -288,13 +290,13 @@ def _robustness(metrics: dict) -> str:
     link = escape(section["report"])
     return (
         f"<h2 id='robustness'>Robustness</h2>{attacks}<p>Clean AUROC "
-        f"{_number(summary['clean_auroc'])}; mean AUROC over every corruption and severity "
-        f"{_number(summary['mean_corruption_auroc'])}. Below: each attack, and each corruption "
+        f"{number(summary['clean_auroc'])}; mean AUROC over every corruption and severity "
+        f"{number(summary['mean_corruption_auroc'])}. Below: each attack, and each corruption "
         f"at its mildest and harshest severity; every severity, the attack settings and the "
         f"method are in <a href='{link}'>{link}</a>. Epsilon is in grey levels of the [0, 1] "
         "model input; the attacks' gradients run through the whole model, its in-graph "
         "preprocessing included.</p>"
-        + _table(robustness_header(level), robustness_rows(section["conditions"]))
+        + html_table(robustness_header(level), robustness_rows(section["conditions"]))
     )
 
 
@@ -307,7 +309,7 @@ def _warning(metrics: dict) -> str:
     return f"<div class='warning' role='alert'><b>Warning:</b> {message}</div>"
 
 
-def _figures(figures: dict[str, bytes]) -> str:
+def figures_html(figures: dict[str, bytes]) -> str:
     return "".join(
         f"<figure><img alt='{escape(caption)}' src='data:image/png;base64,"
         f"{base64.b64encode(png).decode()}'><figcaption>{escape(caption)}</figcaption></figure>"
@@ -330,18 +332,18 @@ def render_report(metrics: dict, figures: dict[str, bytes], title: str) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)}</title>
-<style>{_STYLE}</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>{escape(title)}</h1>{_warning(metrics)}{_provenance(metrics)}
 <p>Split <b>{escape(metrics["split"])}</b>: {metrics["n_images"]} images,
 {metrics.get("n_patients", "?")} patients. Task: {escape(metrics["task"])}.
-Accuracy {_number(metrics["accuracy"])} ({escape(metrics["accuracy_definition"])}); balanced
-accuracy {_number(metrics.get("balanced_accuracy"))}.</p>
+Accuracy {number(metrics["accuracy"])} ({escape(metrics["accuracy_definition"])}); balanced
+accuracy {number(metrics.get("balanced_accuracy"))}.</p>
 <h2>Prevalence</h2>{_prevalence(metrics)}
 <h2>Discrimination</h2>{_discrimination(metrics)}
 <h2>Operating points</h2>{_operating_points(metrics)}
 <h2>Calibration</h2>{_calibration(metrics)}
 <h2>Subgroups</h2>{_subgroups(metrics)}{_robustness(metrics)}
-<h2>Figures</h2>{_figures(figures)}
+<h2>Figures</h2>{figures_html(figures)}
 <p class="note">{method}</p>
 </body></html>
 """

@@ -37,7 +37,7 @@ def write_report(assessment: Assessment, out_dir: str | Path) -> Path:
     write_thresholds(out / THRESHOLDS_FILE, assessment.thresholds)
     pngs = {}
     for name, shown in assessment.figures.items():
-        pngs[shown.caption] = _png(shown.figure)
+        pngs[shown.caption] = png_bytes(shown.figure)
         atomic.write_bytes(out / f"{name}.png", pngs[shown.caption])
     atomic.write_text(
         out / "report.html", render_report(assessment.metrics, pngs, assessment.title)
@@ -54,7 +54,7 @@ def _keep_in_run(assessment: Assessment) -> None:
     write_thresholds(run.kept(thresholds_file_name(metrics["tta"])), assessment.thresholds)
 
 
-def _png(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -20,14 +20,14 @@ from matplotlib.figure import Figure
 from medtransfer import atomic
 from medtransfer.evaluation.assessment import Assessment, ReportFigure
 from medtransfer.evaluation.html_report import (
-    _STYLE,
-    _figures,
-    _number,
-    _table,
+    STYLE,
+    figures_html,
+    html_table,
+    number,
     robustness_header,
     robustness_rows,
 )
-from medtransfer.evaluation.report_files import _png
+from medtransfer.evaluation.report_files import png_bytes
 from medtransfer.evaluation.robustness import Robustness
 
 
@@ -98,13 +98,13 @@ def render_robustness(result: Robustness, figures: dict[str, bytes]) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title><style>{_STYLE}</style></head><body>
+<title>{escape(title)}</title><style>{STYLE}</style></head><body>
 <h1>{escape(title)}</h1>
 <p>Model folder <code>{escape(model["folder"])}</code> ({escape(model["kind"])}). Clean AUROC
-{_number(summary["clean_auroc"])}; mean AUROC over every corruption and severity
-{_number(summary["mean_corruption_auroc"])}.</p>{attacks}
-<h2>Conditions</h2>{_table(header, robustness_rows(_records(result.table)))}
-<h2>Figures</h2>{_figures(figures)}
+{number(summary["clean_auroc"])}; mean AUROC over every corruption and severity
+{number(summary["mean_corruption_auroc"])}.</p>{attacks}
+<h2>Conditions</h2>{html_table(header, robustness_rows(_records(result.table)))}
+<h2>Figures</h2>{figures_html(figures)}
 <p class="note">Epsilon is in pixel units of the [0, 1] model input (1/255 = one grey level of
 an 8-bit image); the gradient runs through the whole model, in-graph preprocessing included.
 AUROC intervals as in report.html ({metrics["settings"]["bootstrap_resamples"]} bootstrap
@@ -142,7 +142,7 @@ def write_robustness(result: Robustness, out_dir: str | Path) -> Path:
     atomic.write_text(out / "robustness.csv", result.table.to_csv(index=False))
     pngs = {}
     for name, shown in robustness_figures(result).items():
-        pngs[shown.caption] = _png(shown.figure)
+        pngs[shown.caption] = png_bytes(shown.figure)
         atomic.write_bytes(out / f"{name}.png", pngs[shown.caption])
     atomic.write_text(out / "robustness.html", render_robustness(result, pngs))
     return out
