@@ -5,9 +5,18 @@ scratch at the same CPU budget, linear probes, and LoRA / norm-only fine-tuning.
     python benchmarks/ssl_pretrain.py --out OUT --arm scratch    # from scratch (both budgets)
     python benchmarks/ssl_pretrain.py --out OUT --table          # the table of what finished
 
+    python benchmarks/ssl_pretrain.py --out OUT --arm scarce --label-fraction 0.1 \
+        --ssl-from RUN                                          # few labels, SSL on all images
+
 ``--main-only`` runs the two rows the issue's target compares (SimSiam then full fine-tuning,
 and scratch at the same budget) and skips the probes, LoRA / norm and the shipped-budget
 scratch row; ``--ft-lr-factor`` sets the fine-tuning phase's learning-rate factor.
+
+``--arm scarce`` is the archive's case: a pretraining run ``--ssl-from`` made on every training
+image, but labels for only a stratified ``--label-fraction`` of them (the seed draws which). It
+writes that labelled subset as ``OUT/data/labelled.npz`` (validation and test unchanged) and
+compares probes on random and SSL features, fine-tuning from the SSL weights, and scratch with
+twice the fine-tuning's epochs; the pretraining's CPU is paid once for the archive, not per model.
 
 Arms run one row after another and skip rows already in ``OUT/results/``, so a killed arm is
 restarted by running it again; the two arms can run at the same time. Every model is judged
@@ -22,6 +31,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import numpy as np
 
 from medtransfer.evaluation.clinical import ClinicalSettings
 from medtransfer.evaluation.probe import probe
@@ -144,6 +155,49 @@ def scratch_arm(out: Path, spec: Spec, budget_epochs: int, epochs: int, main_onl
     _probe(out, "probe_scratch", spec, f"run:{out / 'runs' / 'scratch_default'}")
 
 
+def labelled_subset(spec: Spec, fraction: float, seed: int, out: Path) -> Spec:
+    """``spec`` on a stratified ``fraction`` of its npz training split; val and test as they are."""
+    data = np.load(spec.data.path)
+    labels = data["train_labels"].reshape(len(data["train_labels"]), -1)[:, 0]
+    rng = np.random.default_rng(seed)
+    keep = np.sort(
+        np.concatenate(
+            [
+                rng.choice(idx, max(1, round(fraction * len(idx))), replace=False)
+                for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))
+            ]
+        )
+    )
+    arrays = {k: data[k] for k in data.files}
+    arrays["train_images"] = data["train_images"][keep]
+    arrays["train_labels"] = data["train_labels"][keep]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    path = (out / "data" / "labelled.npz").resolve()
+    np.savez(path, **arrays)
+    print(f"labelled subset: {len(keep)} of {len(labels)} training images -> {path}")
+    return spec.with_overrides(data={"path": str(path)})
+
+
+def scarce_arm(out: Path, spec: Spec, ssl_run: Path, epochs: int, fine_tune: dict) -> None:
+    """Few labels, SSL on every training image: probes, fine-tuning from SSL, scratch (2x)."""
+    _probe(out, "scarce_probe_random", spec, "none")
+    source = f"run:{ssl_run}"
+    _probe(out, "scarce_probe_ssl", spec, source)
+    tuned = {"epochs": epochs, "fine_tune": fine_tune}
+    _train_and_test(
+        out,
+        "scarce_ft_full_ssl",
+        spec.with_overrides(model={"weights": source}, training=tuned),
+        f"full, {epochs} epochs",
+    )
+    _train_and_test(
+        out,
+        "scarce_scratch",
+        spec.with_overrides(training={"epochs": 2 * epochs}),
+        f"scratch, {2 * epochs} epochs",
+    )
+
+
 def table(out: Path) -> str:
     lines = [
         "| row | test AUROC | test accuracy | val AUROC | CPU min | wall min "
@@ -173,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--spec", type=Path, default=REPO / "data_specs" / "breastmnist.yaml")
-    parser.add_argument("--arm", choices=["ssl", "scratch"])
+    parser.add_argument("--arm", choices=["ssl", "scratch", "scarce"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ssl-epochs", type=int, default=10)
     parser.add_argument(
@@ -181,6 +235,8 @@ def main() -> None:
     )
     parser.add_argument("--budget-epochs", type=int, default=40, help="scratch at the SSL budget")
     parser.add_argument("--ft-lr-factor", type=float, default=SSL_FINE_TUNE["learning_rate_factor"])
+    parser.add_argument("--label-fraction", type=float, default=0.1, help="--arm scarce")
+    parser.add_argument("--ssl-from", type=Path, help="--arm scarce: the pretraining run")
     parser.add_argument("--main-only", action="store_true", help="only the target's two rows")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
@@ -188,6 +244,12 @@ def main() -> None:
     if args.arm == "ssl":
         fine_tune = SSL_FINE_TUNE | {"learning_rate_factor": args.ft_lr_factor}
         ssl_arm(args.out, spec, args.ssl_epochs, args.epochs, fine_tune, args.main_only)
+    elif args.arm == "scarce":
+        if args.ssl_from is None:
+            parser.error("--arm scarce needs --ssl-from RUN")
+        fine_tune = SSL_FINE_TUNE | {"learning_rate_factor": args.ft_lr_factor}
+        subset = labelled_subset(spec, args.label_fraction, args.seed, args.out)
+        scarce_arm(args.out, subset, args.ssl_from, args.epochs, fine_tune)
     elif args.arm == "scratch":
         scratch_arm(args.out, spec, args.budget_epochs, args.epochs, args.main_only)
     if args.table or not args.arm:
