@@ -167,6 +167,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not args.resume and not args.spec:
         raise MedtransferError("--spec is required (or --resume to carry on an unfinished run)")
     spec = _spec_with_overrides(args) if args.spec else None
+    if spec is not None:
+        objective = {"objective": args.objective, "temperature": args.temperature}
+        spec = spec.with_overrides(pretraining=objective)
     run = pretrain(
         spec,
         args.out,
@@ -613,14 +616,15 @@ _DOCS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "pretrain": (
-        "Self-supervised pretraining (SimSiam) of the spec's backbone on its training images "
-        "and any unlabelled folders or specs, never the validation or test images; the run "
-        "directory is a weight source for train (--weights run:DIR). Batch size, learning "
-        "rate, epochs and seed are the spec's training values (flags override them); --resume "
-        "carries on a killed run from its last finished epoch.",
+        "Self-supervised pretraining (SimSiam, or SimCLR with --objective simclr) of the spec's "
+        "backbone on its training images and any unlabelled folders or specs, never the "
+        "validation or test images; the run directory is a weight source for train (--weights "
+        "run:DIR). Batch size, learning rate, epochs and seed are the spec's training values "
+        "(flags override them); --resume carries on a killed run from its last finished epoch.",
         [
             "medtransfer pretrain --spec data_specs/breastmnist.yaml --out runs/ssl --epochs 20",
             "medtransfer pretrain --spec cxr.yaml --out runs/ssl --unlabeled /archive/cxr/",
+            "medtransfer pretrain --spec cxr.yaml --out runs/simclr --objective simclr",
             "medtransfer train --spec data_specs/breastmnist.yaml --out runs/b "
             "--weights run:runs/ssl",
         ],
@@ -885,6 +889,15 @@ def _add_pretrain(verbs: argparse._SubParsersAction) -> None:
     )
     _add_workers(pretrain)
     _add_training_overrides(pretrain)
+    objective = pretrain.add_argument_group("objective (default: the spec's pretraining values)")
+    objective.add_argument(
+        "--objective",
+        choices=["simsiam", "simclr"],
+        help="simsiam (no negatives) or simclr (the batch's other images as negatives)",
+    )
+    objective.add_argument(
+        "--temperature", type=float, help="simclr's NT-Xent temperature (default 0.2)"
+    )
     pretrain.set_defaults(func=cmd_pretrain)
 
 

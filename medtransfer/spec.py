@@ -277,6 +277,15 @@ class TrainingSpec(_Strict):
         return self
 
 
+class PretrainingSpec(_Strict):
+    """Self-supervised pretraining (``medtransfer pretrain``): ``simsiam`` (no negatives, the
+    default) or ``simclr`` (NT-Xent at ``temperature``: every other image of the batch is a
+    negative, an explicit guard against the representation collapsing)."""
+
+    objective: Literal["simsiam", "simclr"] = "simsiam"
+    temperature: Annotated[float, Field(gt=0, le=1)] = 0.2
+
+
 class AugmentOption(_Strict):
     """One option's override; a field left out keeps the preset's (or the option's) value."""
 
@@ -446,6 +455,7 @@ class Spec(_Strict):
     image: ImageSpec = ImageSpec()
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
+    pretraining: PretrainingSpec = PretrainingSpec()
     augmentation: AugmentationSpec = AugmentationSpec()
     tabular: list[TabularFeature] = Field(default_factory=list)
     domain_adaptation: DomainAdaptationSpec = DomainAdaptationSpec()

@@ -1,6 +1,6 @@
 """Self-supervised pretraining (``medtransfer pretrain``) on real BreastMNIST images: the loss
-falls, the validation and test images are never read, the backbone round-trips into ``train``
-as ``run:`` weights, and a killed run resumes to the same weights."""
+(SimSiam's and SimCLR's) falls, the validation and test images are never read, the backbone
+round-trips into ``train`` as ``run:`` weights, and a killed run resumes to the same weights."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from medtransfer.data.augment_presets import PRETRAINING_PRESETS, SSL_PRESET
 from medtransfer.data.cache import UnreadableImages
 from medtransfer.data.manifest import build_manifest
 from medtransfer.data.pipeline import load_split
-from medtransfer.errors import RunError
+from medtransfer.errors import RunError, SpecError
 from medtransfer.models.build import build_encoder, build_model
 from medtransfer.models.saved import load_run_model
-from medtransfer.models.ssl import SimSiam, predictor, projector
+from medtransfer.models.ssl import SimCLR, SimSiam, nt_xent, predictor, projector
 from medtransfer.spec import load_spec
 from medtransfer.training.pretrain import TwoViews, pretrain, pretraining_rows, readable_images
 
@@ -214,10 +214,7 @@ def test_simsiam_loss_decreases_on_real_images(shared_data):
     near 0 and falls at every step, by more than 0.2 in all; the projections have not
     collapsed (``z_std`` > 0)."""
     keras.utils.set_random_seed(0)
-    images, _ = _breast_images(shared_data)
-    x = keras.ops.convert_to_tensor(images[:64, ..., None].astype("float32") / 255)
-    augment = TwoViews(GraphAugmenter(PRETRAINING_PRESETS[SSL_PRESET], seed=0))
-    first, second = augment(x, keras.ops.zeros((64, 1)), keras.ops.convert_to_tensor([0, 1]))
+    first, second = _real_pairs(shared_data)
     assert not np.allclose(first, second)
     model = SimSiam(_tiny_encoder(), projector(), predictor())
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -228,6 +225,73 @@ def test_simsiam_loss_decreases_on_real_images(shared_data):
     assert all(later < earlier for earlier, later in itertools.pairwise(loss)), loss
     assert loss[-1] < loss[0] - 0.2, loss
     assert min(history["z_std"]) > 0.01
+
+
+def _real_pairs(shared_data: Path):
+    images, _ = _breast_images(shared_data)
+    x = keras.ops.convert_to_tensor(images[:64, ..., None].astype("float32") / 255)
+    augment = TwoViews(GraphAugmenter(PRETRAINING_PRESETS[SSL_PRESET], seed=0))
+    return augment(x, keras.ops.zeros((64, 1)), keras.ops.convert_to_tensor([0, 1]))
+
+
+def test_simclr_loss_decreases_on_real_images(shared_data):
+    """SimCLR on the same 64 pairs: each view must find its partner among 127 views. The
+    untrained model is near chance (log 127 = 4.84); eight steps lower the loss at every step,
+    by more than 0.5 in all."""
+    keras.utils.set_random_seed(0)
+    first, second = _real_pairs(shared_data)
+    model = SimCLR(_tiny_encoder(), projector(), temperature=0.2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(first, second, batch_size=64, epochs=8, verbose=0).history
+    loss = history["loss"]
+    assert 3.5 < loss[0] < 5.5, loss
+    assert all(later < earlier for earlier, later in itertools.pairwise(loss)), loss
+    assert loss[-1] < loss[0] - 0.5, loss
+    assert min(history["z_std"]) > 0.01
+
+
+def test_nt_xent_is_the_partner_cross_entropy():
+    """Orthonormal projections, each view equal to its partner: every view scores 1/t for its
+    partner and 0 for the 2n - 2 others, so the loss is -log(e^(1/t) / (e^(1/t) + 2n - 2)).
+    Scale does not matter (cosine). Swapping two images' second views gives those four views
+    a partner at 0 and a stranger at 1/t: -log(1 / (e^(1/t) + 2n - 2)) each."""
+    n, t = 4, 0.5
+    z = np.eye(8, dtype="float32")[:n]
+    matched = -np.log(np.exp(1 / t) / (np.exp(1 / t) + 2 * n - 2))
+    np.testing.assert_allclose(float(nt_xent(z, 3 * z, t)), matched, rtol=1e-5)
+    swapped = -np.log(1 / (np.exp(1 / t) + 2 * n - 2))
+    np.testing.assert_allclose(
+        float(nt_xent(z, z[[1, 0, 2, 3]], t)), (swapped + matched) / 2, rtol=1e-5
+    )
+    sharper = float(nt_xent(z, z, 0.1))
+    np.testing.assert_allclose(sharper, -np.log(np.exp(10) / (np.exp(10) + 6)), rtol=1e-4)
+
+
+def test_pretrain_with_simclr_from_the_cli(breast_folders, tmp_path):
+    """``--objective simclr --temperature 0.1`` is what the run trains and records: the run's
+    spec and run.json say so, and its encoder is a weight source like SimSiam's."""
+    out = tmp_path / "simclr"
+    args = ["pretrain", "--spec", str(breast_folders / "spec.yaml"), "--out", str(out)]
+    flags = ["--objective", "simclr", "--temperature", "0.1", "--epochs", "1", "--workers", "0"]
+    assert main([*args, *flags]) == 0
+    run = rundir.open_run(out)
+    assert run.info.pretraining["objective"] == "simclr"
+    assert run.info.pretraining["temperature"] == 0.1
+    assert len(run.info.pretraining["loss"]) == 1 and run.info.pretraining["loss"][0] > 0
+    stored = load_spec(out / rundir.SPEC_FILE)
+    assert (stored.pretraining.objective, stored.pretraining.temperature) == ("simclr", 0.1)
+    spec = _run_spec(breast_folders, out, breast_folders / "data")
+    source = load_run_model(out, encoder=True).get_layer("backbone")
+    _assert_same_weights(build_model(spec).get_layer("backbone"), source)
+
+
+def test_the_pretraining_objective_is_checked_by_the_spec(breast_folders):
+    spec = load_spec(breast_folders / "spec.yaml")
+    assert (spec.pretraining.objective, spec.pretraining.temperature) == ("simsiam", 0.2)
+    with pytest.raises(SpecError, match="did you mean 'simclr'"):
+        spec.with_overrides(pretraining={"objective": "simclear"})
+    with pytest.raises(SpecError, match="temperature"):
+        spec.with_overrides(pretraining={"objective": "simclr", "temperature": 0})
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Self-supervised pretraining: SimSiam (Chen & He 2021), trained inside ``model.fit``.
+"""Self-supervised pretraining: SimSiam (Chen & He 2021) or SimCLR (Chen et al. 2020), trained
+inside ``model.fit``.
 
 Air-gapped hospitals often cannot fetch ImageNet weights, and hold far more unlabelled images
 than labelled ones. SimSiam learns a representation from unlabelled images alone: two
@@ -6,7 +7,12 @@ augmented views of each image go through the encoder (backbone + projector), a s
 maps one view's projection to the other's, and the loss is their negative cosine similarity,
 with the target side's gradient stopped. It needs no negative pairs (so it works with the
 small batches a CPU affords, unlike SimCLR) and no momentum encoder; the stop-gradient and the
-predictor are what keep it from collapsing to a constant.
+predictor are what keep it from collapsing to a constant. That guard is implicit: on small
+in-domain sets the projections can still narrow to a few directions (``z_std`` falling).
+
+SimCLR guards explicitly: each view must pick its partner out of the batch's ``2n - 2`` other
+views (the NT-Xent loss), so the images are pushed apart as well as the views together. It
+needs a batch with enough negatives (64 gives 126), which a CPU affords at MedMNIST's sizes.
 
 The encoder is a functional model whose backbone layer is named ``backbone``, as in the
 classifier ``build_model`` makes: a pretraining run saves it as its ``model.keras``, and
@@ -62,44 +68,50 @@ def negative_cosine(p: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     return -ops.mean(ops.sum(p * z, axis=-1))
 
 
-@keras.saving.register_keras_serializable(package="medtransfer", name="SimSiam")
-class SimSiam(keras.Model):
+def nt_xent(z1: tf.Tensor, z2: tf.Tensor, temperature: float) -> tf.Tensor:
+    """SimCLR's loss: cross-entropy of each view picking its partner (row ``i`` of ``z1`` is
+    the partner of row ``i`` of ``z2``) among the other ``2n - 1`` views, by cosine similarity
+    over ``temperature``. The floor is 0 only when ``n == 1``; ``log(2n - 1)`` is chance."""
+    z = ops.normalize(ops.cast(ops.concatenate([z1, z2], axis=0), "float32"), axis=-1)
+    n = ops.shape(z1)[0]
+    logits = ops.matmul(z, ops.transpose(z)) / temperature
+    logits = logits - 1e9 * ops.eye(2 * n, dtype=logits.dtype)  # a view is not its own partner
+    partners = ops.concatenate([ops.arange(n) + n, ops.arange(n)], axis=0)
+    return ops.mean(
+        keras.losses.sparse_categorical_crossentropy(partners, logits, from_logits=True)
+    )
+
+
+class _TwoViewModel(keras.Model):
     """``fit`` on a dataset of ``(first_views, second_views)`` batches (no labels).
 
     Both views go through ``encoder`` and ``projector`` as one concatenated batch (one pass,
-    BatchNormalization sees both); the loss is ``(D(p1, z2) + D(p2, z1)) / 2`` with
-    ``D = negative_cosine``. Logs ``loss`` (-1 is perfect agreement) and ``z_std``, the
-    per-dimension standard deviation of the normalised projections: about ``1/sqrt(dim)``
-    while the representation is healthy, 0 when it has collapsed to a constant.
+    BatchNormalization sees both); subclasses turn the two projections into a loss. Logs
+    ``loss`` and ``z_std``, the per-dimension standard deviation of the normalised
+    projections: about ``1/sqrt(dim)`` while the representation is healthy, 0 when it has
+    collapsed to a constant.
     """
 
-    def __init__(
-        self,
-        encoder: keras.Model,
-        projector: keras.Model,
-        predictor: keras.Model,
-        **kwargs,
-    ):
+    def __init__(self, encoder: keras.Model, projector: keras.Model, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.projector = projector
-        self.predictor = predictor
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
 
     def call(self, inputs, training=None):
-        z = self.projector(self.encoder(inputs, training=training), training=training)
-        return self.predictor(z, training=training)
+        return self.projector(self.encoder(inputs, training=training), training=training)
+
+    def _pair_loss(self, z: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+        """The loss of ``z``, the first views' projections (rows ``:n``) then the second's."""
+        raise NotImplementedError
 
     def _loss(self, first: tf.Tensor, second: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         n = ops.shape(first)[0]
         z = self.projector(
             self.encoder(ops.concatenate([first, second], axis=0), training=True), training=True
         )
-        p = self.predictor(z, training=True)
-        z1, z2, p1, p2 = z[:n], z[n:], p[:n], p[n:]
-        loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
-        z_std = ops.mean(ops.std(ops.normalize(ops.cast(z1, "float32"), axis=-1), axis=0))
-        return loss, z_std
+        z_std = ops.mean(ops.std(ops.normalize(ops.cast(z[:n], "float32"), axis=-1), axis=0))
+        return self._pair_loss(z, n), z_std
 
     def train_step(self, data):
         first, second = data[0], data[1]
@@ -109,12 +121,12 @@ class SimSiam(keras.Model):
             scaled = self.optimizer.scale_loss(loss)
         trainable = self.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, trainable), trainable)
-        self._loss_tracker.update_state(loss)
-        self.z_std_tracker.update_state(z_std)
-        return {"loss": self._loss_tracker.result(), "z_std": self.z_std_tracker.result()}
+        return self._track(loss, z_std)
 
     def test_step(self, data):
-        loss, z_std = self._loss(data[0], data[1])
+        return self._track(*self._loss(data[0], data[1]))
+
+    def _track(self, loss: tf.Tensor, z_std: tf.Tensor) -> dict:
         self._loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(z_std)
         return {"loss": self._loss_tracker.result(), "z_std": self.z_std_tracker.result()}
@@ -126,14 +138,54 @@ class SimSiam(keras.Model):
             "trainable": self.trainable,
             "encoder": serialize(self.encoder),
             "projector": serialize(self.projector),
-            "predictor": serialize(self.predictor),
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         for key in ("encoder", "projector", "predictor"):
-            config[key] = keras.saving.deserialize_keras_object(
-                config[key], custom_objects=custom_objects
-            )
+            if key in config:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="medtransfer", name="SimSiam")
+class SimSiam(_TwoViewModel):
+    """SimSiam: the loss is ``(D(p1, z2) + D(p2, z1)) / 2`` with ``D = negative_cosine`` and
+    ``p = predictor(z)``; -1 is perfect agreement."""
+
+    def __init__(
+        self, encoder: keras.Model, projector: keras.Model, predictor: keras.Model, **kwargs
+    ):
+        super().__init__(encoder, projector, **kwargs)
+        self.predictor = predictor
+
+    def call(self, inputs, training=None):
+        return self.predictor(super().call(inputs, training=training), training=training)
+
+    def _pair_loss(self, z: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+        p = self.predictor(z, training=True)  # one pass: BatchNormalization sees both views
+        return 0.5 * (negative_cosine(p[:n], z[n:]) + negative_cosine(p[n:], z[:n]))
+
+    def get_config(self):
+        predictor = keras.saving.serialize_keras_object(self.predictor)
+        return {**super().get_config(), "predictor": predictor}
+
+
+@keras.saving.register_keras_serializable(package="medtransfer", name="SimCLR")
+class SimCLR(_TwoViewModel):
+    """SimCLR: ``nt_xent`` of the two views' projections at ``temperature``."""
+
+    def __init__(
+        self, encoder: keras.Model, projector: keras.Model, temperature: float = 0.2, **kwargs
+    ):
+        super().__init__(encoder, projector, **kwargs)
+        self.temperature = temperature
+
+    def _pair_loss(self, z: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+        return nt_xent(z[:n], z[n:], self.temperature)
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}

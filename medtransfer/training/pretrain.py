@@ -1,13 +1,14 @@
 """Self-supervised pretraining runs: a spec's training images (and unlabelled folders) in, a
 backbone weight source out.
 
-``pretrain`` trains SimSiam (``medtransfer.models.ssl``) with ``model.fit`` on two augmented
-views of every training image of the spec, plus any unlabelled sources: folders of DICOM or
-image files, or other specs (their training split, labels ignored). Images take the same path
-as training's: the decode pool, the decode-once cache, the epoch-keyed batch order and the
-stateless per-batch augmentation (the ``ssl`` preset of ``data.augment_presets``, drawn twice
-per batch with different seeds). It never reads the validation or test images: those choose
-and judge the classifier later, and a representation that had seen them would leak them.
+``pretrain`` trains SimSiam or SimCLR (``medtransfer.models.ssl``; the spec's ``pretraining``
+says which) with ``model.fit`` on two augmented views of every training image of the spec, plus
+any unlabelled sources: folders of DICOM or image files, or other specs (their training split,
+labels ignored). Images take the same path as training's: the decode pool, the decode-once
+cache, the epoch-keyed batch order and the stateless per-batch augmentation (the ``ssl`` preset
+of ``data.augment_presets``, drawn twice per batch with different seeds). It never reads the
+validation or test images: those choose and judge the classifier later, and a representation
+that had seen them would leak them.
 
 The result is a run directory (``rundir``, kind ``pretrain``): ``model.keras`` is the encoder
 (images -> pooled backbone features, its backbone layer named ``backbone``), so
@@ -37,7 +38,7 @@ from medtransfer.data.pipeline import load_spec_images, make_training_dataset
 from medtransfer.errors import DataError, RunError
 from medtransfer.models.adaptation import adapt_batchnorm
 from medtransfer.models.build import build_encoder
-from medtransfer.models.ssl import SimSiam, predictor, projector
+from medtransfer.models.ssl import SimCLR, SimSiam, predictor, projector
 from medtransfer.rundir import (
     HISTORY_FILE,
     MANIFEST_FILE,
@@ -59,7 +60,6 @@ from medtransfer.training.run import (
     undone_if_failed_before_a_checkpoint,
 )
 
-OBJECTIVE = "simsiam"
 _SECOND_VIEW = 0x2D7669  # keeps the second view's draws apart from the first's
 
 
@@ -90,7 +90,8 @@ def pretrain(
     workers: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> Run:
-    """SimSiam-pretrain the spec's backbone for ``training.epochs`` epochs into a run directory.
+    """Pretrain the spec's backbone self-supervised (``pretraining.objective``) for
+    ``training.epochs`` epochs into a run directory.
 
     Batch size, learning rate (AdamW with cosine decay), weight decay and seed are the spec's
     ``training`` values; the backbone starts from ``model.weights`` (``none``: random).
@@ -218,11 +219,16 @@ def _fit(
     state: TrainingState,
     checkpoint: Checkpoint | None,
     callbacks: Sequence[keras.callbacks.Callback],
-) -> SimSiam:
-    """SimSiam's remaining epochs in one ``model.fit``, a checkpoint after each."""
-    training = spec.training
+) -> SimSiam | SimCLR:
+    """The objective's remaining epochs in one ``model.fit``, a checkpoint after each."""
+    training, objective = spec.training, spec.pretraining.objective
     epochs, steps = training.epochs, -(-len(images) // training.batch_size)
-    model = SimSiam(build_encoder(spec), projector(), predictor(), name=f"simsiam_{spec.name}")
+    name = f"{objective}_{spec.name}"
+    if objective == "simclr":
+        temperature = spec.pretraining.temperature
+        model = SimCLR(build_encoder(spec), projector(), temperature=temperature, name=name)
+    else:
+        model = SimSiam(build_encoder(spec), projector(), predictor(), name=name)
     model(images[:2])  # builds every variable, so a checkpoint can be restored into them
     schedule = keras.optimizers.schedules.CosineDecay(
         training.learning_rate, decay_steps=epochs * steps, alpha=0.01
@@ -272,7 +278,10 @@ def _run_info(
         images={str(split): int(n) for split, n in counts.items()},
         epochs_run=state.epochs,
         pretraining={
-            "objective": OBJECTIVE,
+            "objective": spec.pretraining.objective,
+            "temperature": (
+                spec.pretraining.temperature if spec.pretraining.objective == "simclr" else None
+            ),
             "augmentation": SSL_PRESET,
             "batch_size": spec.training.batch_size,
             "learning_rate": spec.training.learning_rate,
