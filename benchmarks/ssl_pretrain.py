@@ -8,6 +8,10 @@ scratch at the same CPU budget, linear probes, and LoRA / norm-only fine-tuning.
     python benchmarks/ssl_pretrain.py --out OUT --arm scarce --label-fraction 0.1 \
         --ssl-from RUN                                          # few labels, SSL on all images
 
+``--objective simclr`` pretrains with SimCLR instead of SimSiam (``--temperature``);
+``--probe-only`` stops the SSL arm after the probe on its features (a run without it goes on
+from there).
+
 ``--main-only`` runs the two rows the issue's target compares (SimSiam then full fine-tuning,
 and scratch at the same budget) and skips the probes, LoRA / norm and the shipped-budget
 scratch row; ``--ft-lr-factor`` sets the fine-tuning phase's learning-rate factor.
@@ -110,9 +114,15 @@ def _probe(out: Path, row: str, spec: Spec, weights: str) -> None:
 
 
 def ssl_arm(
-    out: Path, spec: Spec, ssl_epochs: int, epochs: int, fine_tune: dict, main_only: bool
+    out: Path,
+    spec: Spec,
+    ssl_epochs: int,
+    epochs: int,
+    fine_tune: dict,
+    main_only: bool,
+    probe_only: bool = False,
 ) -> None:
-    """Probe on random features, SimSiam, a probe on its features, then fine-tuning from it."""
+    """Probe on random features, SSL, a probe on its features, then fine-tuning from it."""
     if not main_only:
         _probe(out, "probe_random", spec, "none")
     ssl_dir = out / "runs" / "ssl_pretrain"
@@ -130,6 +140,8 @@ def ssl_arm(
     source = f"run:{ssl_dir}"
     if not main_only:
         _probe(out, "probe_ssl", spec, source)
+    if probe_only:
+        return
     tuned = {"epochs": epochs, "fine_tune": fine_tune}
     _train_and_test(
         out, "ft_full_ssl", spec.with_overrides(model={"weights": source}, training=tuned), "full"
@@ -237,13 +249,27 @@ def main() -> None:
     parser.add_argument("--ft-lr-factor", type=float, default=SSL_FINE_TUNE["learning_rate_factor"])
     parser.add_argument("--label-fraction", type=float, default=0.1, help="--arm scarce")
     parser.add_argument("--ssl-from", type=Path, help="--arm scarce: the pretraining run")
+    parser.add_argument("--objective", choices=["simsiam", "simclr"], default="simsiam")
+    parser.add_argument("--temperature", type=float, default=0.2, help="simclr's")
+    parser.add_argument("--probe-only", action="store_true", help="SSL arm: stop after probes")
     parser.add_argument("--main-only", action="store_true", help="only the target's two rows")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
-    spec = load_spec(args.spec).with_overrides(training={"seed": args.seed})
+    spec = load_spec(args.spec).with_overrides(
+        training={"seed": args.seed},
+        pretraining={"objective": args.objective, "temperature": args.temperature},
+    )
     if args.arm == "ssl":
         fine_tune = SSL_FINE_TUNE | {"learning_rate_factor": args.ft_lr_factor}
-        ssl_arm(args.out, spec, args.ssl_epochs, args.epochs, fine_tune, args.main_only)
+        ssl_arm(
+            args.out,
+            spec,
+            args.ssl_epochs,
+            args.epochs,
+            fine_tune,
+            args.main_only,
+            args.probe_only,
+        )
     elif args.arm == "scarce":
         if args.ssl_from is None:
             parser.error("--arm scarce needs --ssl-from RUN")
