@@ -147,9 +147,10 @@ def ssl_arm(
         out, "ft_full_ssl", spec.with_overrides(model={"weights": source}, training=tuned), "full"
     )
     for method, extra in () if main_only else (("lora", {"lora_rank": 8}), ("norm", {})):
-        fine_tune = {**fine_tune, "method": method, **extra}
+        # each method from the full row's settings: LoRA's rank must not leak into norm's
+        method_tune = {**fine_tune, "method": method, **extra}
         tuned_spec = spec.with_overrides(
-            model={"weights": source}, training={**tuned, "fine_tune": fine_tune}
+            model={"weights": source}, training={**tuned, "fine_tune": method_tune}
         )
         _train_and_test(out, f"ft_{method}_ssl", tuned_spec, method)
 
