@@ -71,7 +71,7 @@ def negative_cosine(p: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
 def nt_xent(z1: tf.Tensor, z2: tf.Tensor, temperature: float) -> tf.Tensor:
     """SimCLR's loss: cross-entropy of each view picking its partner (row ``i`` of ``z1`` is
     the partner of row ``i`` of ``z2``) among the other ``2n - 1`` views, by cosine similarity
-    over ``temperature``. The floor is 0 only when ``n == 1``; ``log(2n - 1)`` is chance."""
+    over ``temperature``. Chance (every view alike) is ``log(2n - 1)``."""
     z = ops.normalize(ops.cast(ops.concatenate([z1, z2], axis=0), "float32"), axis=-1)
     n = ops.shape(z1)[0]
     logits = ops.matmul(z, ops.transpose(z)) / temperature
